@@ -164,19 +164,27 @@ class Pipeline:
 
     def checkpoint(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | CheckpointStore,
         *,
         every_rows: int | None = None,
         every_seconds: float | None = None,
         keep: int = 3,
     ) -> Pipeline:
-        """Checkpoint to ``path`` every N rows and/or seconds, and at the end."""
+        """Checkpoint to ``path`` every N rows and/or seconds, and at the end.
+
+        ``path`` may also be a ready :class:`~streamfact.checkpoint.CheckpointStore`.
+        """
         self._check_building()
         if every_rows is not None and every_rows <= 0:
             raise ValueError("every_rows must be positive")
         if every_seconds is not None and every_seconds <= 0:
             raise ValueError("every_seconds must be positive")
-        self._checkpoint = _CheckpointPlan(os.fspath(path), every_rows, every_seconds, keep)
+        if isinstance(path, str | os.PathLike):
+            self._checkpoint = _CheckpointPlan(os.fspath(path), every_rows, every_seconds, keep)
+        else:
+            self._checkpoint = _CheckpointPlan(
+                os.fspath(path.root), every_rows, every_seconds, keep, store=path
+            )
         return self
 
     def on_error(self, policy: PolicyName, *, sink: Sink | None = None) -> Pipeline:
