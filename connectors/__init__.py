@@ -1,0 +1,19 @@
+"""Sources and sinks of Arrow record batches: memory, Parquet, Arrow IPC.
+
+Installed as ``streamfact.connectors``. Connectors implement the protocols of
+:mod:`streamfact.io` and know nothing of operators.
+"""
+
+from streamfact.connectors.arrow_ipc import ArrowIPCSink, ArrowIPCSource
+from streamfact.connectors.memory import MemorySink, MemorySource, fixed_size_list_array
+from streamfact.connectors.parquet import ParquetSink, ParquetSource
+
+__all__ = [
+    "ArrowIPCSink",
+    "ArrowIPCSource",
+    "MemorySink",
+    "MemorySource",
+    "ParquetSink",
+    "ParquetSource",
+    "fixed_size_list_array",
+]
