@@ -280,7 +280,16 @@ def _read_array(path: Path, info: Mapping[str, Any], where: str) -> np.ndarray:
     """Verify and decode one ``.npy`` file without any pickle code path."""
     try:
         with open(path, "rb") as f:
-            buf = bytearray(f.read())
+            # readinto a mutable buffer: one copy in memory, and writable arrays.
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            filled = 0
+            with memoryview(buf) as view:
+                while filled < len(buf):
+                    n = f.readinto(view[filled:])
+                    if not n:
+                        break
+                    filled += n
+            del buf[filled:]
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{where}: array file {path.name} is missing") from None
     except OSError as exc:
@@ -655,6 +664,10 @@ class CheckpointStore:
         match = _DIR_RE.match(name)
         return int(match.group(1)) if match else None
 
+    def next_sequence(self) -> int:
+        """The sequence number the next :meth:`save` will use (single writer)."""
+        return self._next_sequence()
+
     def _next_sequence(self) -> int:
         known = self.sequences()
         pointed = self._pointer_sequence()
@@ -816,18 +829,15 @@ def _describe_dir(ckpt_dir: Path) -> list[str]:
             lines.append(f"      meta: {dumps(meta)}")
             raw_arrays = op.get("arrays")
             arrays: dict[str, Any] = raw_arrays if isinstance(raw_arrays, dict) else {}
-            op_bytes = sum(
-                int(a.get("nbytes", 0)) for a in arrays.values() if isinstance(a, dict)
-            )
+            op_bytes = sum(int(a.get("nbytes", 0)) for a in arrays.values() if isinstance(a, dict))
             total += op_bytes
             lines.append(f"      arrays ({len(arrays)}, {_human(op_bytes)}):")
             for arr_name, info in arrays.items():
                 if not isinstance(info, dict):
                     lines.append(f"        {arr_name!r}: <malformed entry>")
                     continue
-                shape = "(" + ", ".join(str(s) for s in info.get("shape", [])) + (
-                    ",)" if len(info.get("shape", [])) == 1 else ")"
-                )
+                raw_shape = info.get("shape")
+                shape = str(tuple(raw_shape)) if isinstance(raw_shape, list) else repr(raw_shape)
                 try:
                     dtype = str(np.dtype(info.get("dtype")))
                 except (TypeError, ValueError):
@@ -838,7 +848,8 @@ def _describe_dir(ckpt_dir: Path) -> list[str]:
                 )
     for key in ("source_position", "sink_states", "counters", "extra"):
         lines.append(f"  {key}: {dumps(manifest.get(key))}")
-    lines.append(f"  total array bytes: {_human(total)} ({total} B)")
+    exact = f" ({total} B)" if total >= 1024 else ""
+    lines.append(f"  total array bytes: {_human(total)}{exact}")
     return lines
 
 
