@@ -867,11 +867,11 @@ def describe(path: str | os.PathLike[str]) -> str:
     if (target / MANIFEST).is_file():
         return "\n".join(_describe_dir(target))
     if not target.is_dir():
-        raise ValueError(f"{target} is neither a checkpoint directory nor a checkpoint store")
+        raise CorruptCheckpointError(f"{target} is neither a checkpoint nor a checkpoint store")
     store = CheckpointStore(target)
     seqs = store.sequences()
     if not seqs and not (target / POINTER).exists():
-        raise ValueError(f"{target} is neither a checkpoint directory nor a checkpoint store")
+        raise CorruptCheckpointError(f"{target} is neither a checkpoint nor a checkpoint store")
     lines = [f"checkpoint store {target}"]
     try:
         pointed, _ = store._read_pointer()

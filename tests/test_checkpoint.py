@@ -554,7 +554,7 @@ def test_describe_store_and_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         describe(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(CorruptCheckpointError, match="neither"):
         describe(tmp_path / "empty")
 
 
