@@ -308,7 +308,7 @@ class Pipeline:
                 position = self.source.position()
                 out = self._process(batch)
                 t0 = time.perf_counter()
-                for sink in self.sinks:
+                for sink in self.sinks if out.num_rows else ():
                     sink.write(out)
                 if self.sinks:
                     seconds["sink"] = seconds.get("sink", 0.0) + time.perf_counter() - t0

@@ -26,8 +26,6 @@ from streamfact.operators.base import InvalidInputError, Operator
 
 __all__ = ["BindStage", "MapStage", "Stage", "StageResult"]
 
-_MAX_RETRIES = 8
-
 
 @dataclass
 class StageResult:
@@ -144,15 +142,16 @@ class BindStage(Stage):
         rejections: list[Rejection] = []
         kept = np.arange(batch.num_rows)
         current = batch
-        for _ in range(_MAX_RETRIES):
+        # Each pass either returns or drops at least one row, so this ends.
+        while True:
+            if current.num_rows == 0:
+                return StageResult(current, kept, rejections)
             views, rejection = self._views(current)
             if rejection is not None:
                 rejections.append(_remap(rejection, kept))
                 keep_local = np.setdiff1d(np.arange(current.num_rows), rejection.rows)
                 current, kept = _take(current, keep_local), kept[keep_local]
                 continue
-            if current.num_rows == 0:
-                return StageResult(current, kept, rejections)
             try:
                 result = self._call(views)
             except InvalidInputError as exc:
@@ -174,7 +173,6 @@ class BindStage(Stage):
             if self.out is not None:
                 current = _append(current, arrays_to_columns(self.out, result), self.name)
             return StageResult(current, kept, rejections)
-        raise RuntimeError(f"stage {self.name!r}: rows kept failing after {_MAX_RETRIES} retries")
 
     def _views(self, batch: pa.RecordBatch) -> tuple[dict[str, Any], Rejection | None]:
         values: dict[str, Any] = {}
