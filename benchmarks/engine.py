@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=65_536)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    path = make_file(Path("bench_data") / f"engine-{args.rows}x{args.width}.parquet",
-                     args.rows, args.width)
+    path = make_file(
+        Path("bench_data") / f"engine-{args.rows}x{args.width}.parquet", args.rows, args.width
+    )
     raw_times, pipe_times = [], []
     for _ in range(args.repeats):  # interleaved so both see the same cache state
         t, n_raw = run_raw(path, args.batch_size)
@@ -87,14 +88,20 @@ def main() -> None:
         pipe_times.append(t)
     assert n_raw == n_pipe == args.rows
     raw, pipe = min(raw_times), min(pipe_times)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()}"
-          f" pyarrow {pa.__version__}")
-    print(f"{args.rows} rows x {args.width} float32, batch {args.batch_size}, best of {args.repeats}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}"
+        f" python {platform.python_version()} pyarrow {pa.__version__}"
+    )
+    print(
+        f"{args.rows} rows x {args.width} float32, batch {args.batch_size}, best of {args.repeats}"
+    )
     print("| path | seconds | rows/s | ratio to raw |")
     print("|---|---|---|---|")
     print(f"| raw ParquetFile.iter_batches | {raw:.2f} | {args.rows / raw:,.0f} | 1.00 |")
-    print(f"| ParquetSource → Pipeline → no-op | {pipe:.2f} | {args.rows / pipe:,.0f} "
-          f"| {raw / pipe:.2f} |")
+    print(
+        f"| ParquetSource → Pipeline → no-op | {pipe:.2f} | {args.rows / pipe:,.0f} "
+        f"| {raw / pipe:.2f} |"
+    )
 
 
 if __name__ == "__main__":

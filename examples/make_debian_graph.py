@@ -59,11 +59,13 @@ def main(path: str) -> None:
     for f in out.glob("*.parquet"):
         f.unlink()
     for i, rows in enumerate(np.array_split(np.arange(len(edges)), 8)):
-        table = pa.table({
-            "src": pa.array(src[rows]),
-            "dst": pa.array(dst[rows]),
-            "weight": pa.array(np.ones(rows.size)),
-        })
+        table = pa.table(
+            {
+                "src": pa.array(src[rows]),
+                "dst": pa.array(dst[rows]),
+                "weight": pa.array(np.ones(rows.size)),
+            }
+        )
         pq.write_table(table, out / f"edges-{i}.parquet", compression="zstd", row_group_size=16384)
     print(f"{len(edges)} edges, {len(set(src) | set(dst))} packages -> {out}")
 

@@ -22,11 +22,13 @@ def main() -> None:
     out = Path(__file__).parent / "data" / "digits"
     out.mkdir(parents=True, exist_ok=True)
     for i, rows in enumerate(np.array_split(np.arange(len(X)), 4)):
-        table = pa.table({
-            "id": pa.array(rows.astype(np.int64)),
-            "label": pa.array(y[rows]),
-            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(X[rows].ravel()), 64),
-        })
+        table = pa.table(
+            {
+                "id": pa.array(rows.astype(np.int64)),
+                "label": pa.array(y[rows]),
+                "pixels": pa.FixedSizeListArray.from_arrays(pa.array(X[rows].ravel()), 64),
+            }
+        )
         pq.write_table(table, out / f"digits-{i}.parquet", row_group_size=128, compression="zstd")
 
 

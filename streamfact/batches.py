@@ -134,8 +134,11 @@ class DenseColumns(ColumnSpec):
             return View(None, whole=col)
         if not pa.types.is_fixed_size_list(col.type) or col.type.value_type not in _FLOAT_TYPES:
             if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                return View(None, whole=f"column {name!r} is {col.type}; dense rows need "
-                            "fixed_size_list<float32|float64>[d] (variable lists are sparse rows)")
+                return View(
+                    None,
+                    whole=f"column {name!r} is {col.type}; dense rows need "
+                    "fixed_size_list<float32|float64>[d] (variable lists are sparse rows)",
+                )
             return View(None, whole=f"column {name!r} is {col.type}, not fixed_size_list<float>[d]")
         d = col.type.list_size
         if self.width is not None and d != self.width:
@@ -302,8 +305,11 @@ class ScalarColumn(ColumnSpec):
         col = self._column(batch, name)
         if isinstance(col, str):
             return View(None, whole=col)
-        if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)
-                or pa.types.is_timestamp(col.type)):
+        if not (
+            pa.types.is_floating(col.type)
+            or pa.types.is_integer(col.type)
+            or pa.types.is_timestamp(col.type)
+        ):
             return View(None, whole=f"column {name!r} is {col.type}, not numeric")
         if pa.types.is_timestamp(col.type):
             col = col.cast(pa.int64())
@@ -360,7 +366,9 @@ def arrays_to_columns(name: str | Sequence[str], result: Any) -> dict[str, pa.Ar
         return out
     if isinstance(result, tuple):
         if isinstance(name, str) or len(name) != len(result):
-            raise ValueError(f"the method returned {len(result)} values; give out= as that many names")
+            raise ValueError(
+                f"the method returned {len(result)} values; give out= as that many names"
+            )
         out = {}
         for n, value in zip(name, result, strict=True):
             out.update(arrays_to_columns(n, value))

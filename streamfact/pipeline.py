@@ -146,7 +146,9 @@ class Pipeline:
         """Call ``method`` on bound columns and append its result as column(s) ``out``."""
         return self._add_bind(method, bindings, out, on_error, dead_letter, name)
 
-    def map(self, fn: Callable[[pa.RecordBatch], pa.RecordBatch], *, name: str | None = None) -> Pipeline:
+    def map(
+        self, fn: Callable[[pa.RecordBatch], pa.RecordBatch], *, name: str | None = None
+    ) -> Pipeline:
         """Apply a plain ``RecordBatch -> RecordBatch`` function."""
         self._check_building()
         self.stages.append(MapStage(fn, name or f"{len(self.stages)}:map"))
@@ -267,8 +269,11 @@ class Pipeline:
         if active is not None and hasattr(active, "close"):
             active.close()
         errors: list[BaseException] = []
-        for closer in [self.source.close, *(s.close for s in self.sinks),
-                       *(s.close for s in self._dead_letter_sinks())]:
+        for closer in [
+            self.source.close,
+            *(s.close for s in self.sinks),
+            *(s.close for s in self._dead_letter_sinks()),
+        ]:
             try:
                 closer()
             except Exception as exc:  # keep closing the rest
@@ -322,8 +327,10 @@ class Pipeline:
                 plan = self._checkpoint
                 if plan is not None and (
                     (plan.every_rows is not None and rows_since >= plan.every_rows)
-                    or (plan.every_seconds is not None
-                        and time.monotonic() - last_ckpt_time >= plan.every_seconds)
+                    or (
+                        plan.every_seconds is not None
+                        and time.monotonic() - last_ckpt_time >= plan.every_seconds
+                    )
                 ):
                     self._save_checkpoint(position)
                     rows_since, last_ckpt_time = 0, time.monotonic()
@@ -352,8 +359,9 @@ class Pipeline:
                 policy = self._policy(i)
                 if policy.mode == "raise":
                     first = int(rejection.rows[0])
-                    raise RowError(stage.name, rejection.column, int(row_ids[first]),
-                                   rejection.reasons[0])
+                    raise RowError(
+                        stage.name, rejection.column, int(row_ids[first]), rejection.reasons[0]
+                    )
                 n_bad = int(rejection.rows.size)
                 counters.rows_rejected += n_bad
                 counters.rejected_by_stage[stage.name] = (
@@ -418,9 +426,7 @@ class Pipeline:
         store = self._store()
         if store is None:
             return
-        ckpt = store.load_latest()
-        for problem in store.problems:
-            log.warning("skipped checkpoint: %s", problem)
+        ckpt = store.load_latest()  # reports any corrupt checkpoint it skipped
         if ckpt is None:
             return
         operators = self.operators
@@ -434,7 +440,9 @@ class Pipeline:
             entry = ckpt.operators[name]
             expected = f"{type(op).__module__}.{type(op).__qualname__}"
             if entry.class_path != expected:
-                raise RuntimeError(f"checkpoint operator {name} is {entry.class_path}, not {expected}")
+                raise RuntimeError(
+                    f"checkpoint operator {name} is {entry.class_path}, not {expected}"
+                )
             op.load_state(entry.state)
         self.source.seek(ckpt.source_position)
         sinks = self._all_sinks()

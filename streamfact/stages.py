@@ -59,7 +59,9 @@ class MapStage(Stage):
     def process(self, batch: pa.RecordBatch) -> StageResult:
         out = self.fn(batch)
         if not isinstance(out, pa.RecordBatch):
-            raise TypeError(f"map stage {self.name!r} returned {type(out).__name__}, not RecordBatch")
+            raise TypeError(
+                f"map stage {self.name!r} returned {type(out).__name__}, not RecordBatch"
+            )
         return StageResult(out, np.arange(out.num_rows), [])
 
 
@@ -161,11 +163,12 @@ class BindStage(Stage):
                     rows = np.unique(exc.rows)
                     if rows.min() < 0 or rows.max() >= current.num_rows:
                         raise
-                reasons = exc.row_reasons if exc.row_reasons and len(exc.row_reasons) == len(rows) \
+                reasons = (
+                    exc.row_reasons
+                    if exc.row_reasons and len(exc.row_reasons) == len(rows)
                     else [exc.reason] * rows.size
-                column = exc.column or ",".join(
-                    ",".join(s.columns) for s in self.bindings.values()
                 )
+                column = exc.column or ",".join(",".join(s.columns) for s in self.bindings.values())
                 rejections.append(_remap(Rejection(rows, list(reasons), column), kept))
                 keep_local = np.setdiff1d(np.arange(current.num_rows), rows)
                 current, kept = _take(current, keep_local), kept[keep_local]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "resolve_backend", "torch_available", "cuda_available"]
+__all__ = ["Backend", "cuda_available", "resolve_backend", "torch_available"]
 
 
 def torch_available() -> bool:
@@ -92,8 +92,13 @@ def torch_dtype(dtype: np.dtype | str | None) -> Any:
     import torch
 
     name = np.dtype(dtype).name
-    table = {"float64": torch.float64, "float32": torch.float32, "int64": torch.int64,
-             "int32": torch.int32, "bool": torch.bool}
+    table = {
+        "float64": torch.float64,
+        "float32": torch.float32,
+        "int64": torch.int64,
+        "int32": torch.int32,
+        "bool": torch.bool,
+    }
     if name not in table:
         raise TypeError(f"dtype {name} has no torch counterpart here")
     return table[name]

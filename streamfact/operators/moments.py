@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from streamfact.kernels.backend import resolve_backend, to_numpy
 from streamfact.operators.base import (
@@ -18,7 +17,7 @@ from streamfact.operators.base import (
     as_state,
     check_state_class,
 )
-from streamfact.operators.validation import check_dtype, check_matrix
+from streamfact.operators.validation import check_dense_matrix, check_dtype
 
 __all__ = ["RunningMoments"]
 
@@ -86,9 +85,7 @@ class RunningMoments(Operator):
     # -- updates --------------------------------------------------------------
     def update(self, X: Any) -> None:
         """Add the rows of ``X`` (b×d dense or sparse). O(b d²)."""
-        arr = check_matrix(X, n_cols=self.dim, dtype=np.dtype(self.dtype), name="X")
-        if sp.issparse(arr):
-            arr = arr.toarray()
+        arr = check_dense_matrix(X, n_cols=self.dim, dtype=np.dtype(self.dtype), name="X")
         n_b = arr.shape[0]
         if n_b == 0:
             return
@@ -142,9 +139,7 @@ class RunningMoments(Operator):
 
     def standardize(self, X: Any) -> np.ndarray:
         """``(X - mean) / std`` with the running moments; zero-variance columns stay centred."""
-        arr = check_matrix(X, n_cols=self.dim, dtype=np.dtype(self.dtype), name="X")
-        if sp.issparse(arr):
-            arr = arr.toarray()
+        arr = check_dense_matrix(X, n_cols=self.dim, dtype=np.dtype(self.dtype), name="X")
         if self.count_ < 2:
             raise InvalidInputError("standardize needs at least two rows seen")
         std = np.sqrt(np.maximum(self.variance, 0.0))

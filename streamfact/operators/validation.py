@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from streamfact.kernels.backend import to_numpy
 from streamfact.operators.base import InvalidInputError
 
-__all__ = ["check_dtype", "check_matrix", "check_vector", "is_sparse"]
+__all__ = ["check_dense_matrix", "check_dtype", "check_matrix", "check_vector", "is_sparse"]
 
 _FLOAT_DTYPES = ("float32", "float64")
 
@@ -95,6 +95,16 @@ def check_matrix(
     if bad.size:
         raise InvalidInputError(f"{name} contains NaN or Inf", rows=bad)
     return arr
+
+
+def check_dense_matrix(
+    x: Any, *, n_cols: int | None, dtype: np.dtype, name: str = "X"
+) -> np.ndarray:
+    """:func:`check_matrix`, then densify sparse input (for dense-only math)."""
+    arr = check_matrix(x, n_cols=n_cols, dtype=dtype, name=name)
+    if isinstance(arr, np.ndarray):
+        return arr
+    return np.asarray(arr.toarray(), dtype=dtype)
 
 
 def check_vector(x: Any, *, size: int, dtype: np.dtype, name: str = "x") -> np.ndarray:

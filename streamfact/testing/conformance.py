@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import itertools
 import json
 import pkgutil
 from collections.abc import Callable, Iterator
@@ -69,7 +70,7 @@ def _n(data: Any) -> int:
 
 def _feed_in_chunks(spec: ConformanceSpec, op: Operator, data: Any, cuts: list[int]) -> None:
     bounds = [0, *cuts, _n(data)]
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         if b > a:
             spec.feed(op, _rows(data, a, b))
 
@@ -96,7 +97,9 @@ def _roundtrip(state: OperatorState) -> OperatorState:
 
 def _spec(cls: type[Operator]) -> ConformanceSpec:
     spec = cls.conformance_spec()
-    assert isinstance(spec, ConformanceSpec), f"{cls.__name__}.conformance_spec() must return a ConformanceSpec"
+    assert isinstance(spec, ConformanceSpec), (
+        f"{cls.__name__}.conformance_spec() must return a ConformanceSpec"
+    )
     return spec
 
 
@@ -142,16 +145,20 @@ def check_determinism(cls: type[Operator]) -> None:
     """Same input and seed → identical output; no global RNG is touched."""
     spec = _spec(cls)
     data = _stream(spec)
-    np.random.seed(123)
-    before = np.random.get_state()[1].copy()  # type: ignore[index]
+    np.random.seed(123)  # noqa: NPY002 - checks the global RNG is untouched
+    before = np.random.get_state()[1].copy()  # type: ignore[index]  # noqa: NPY002
     probes = []
     for _ in range(2):
         op = spec.make(seed=7, dtype="float64", device=spec.backends[0])
         _feed_in_chunks(spec, op, data, _default_cuts(_n(data)))
         probes.append(_probe(spec, op))
-    after = np.random.get_state()[1]  # type: ignore[index]
-    np.testing.assert_array_equal(probes[0], probes[1], err_msg=f"{cls.__name__}: not deterministic")
-    np.testing.assert_array_equal(before, after, err_msg=f"{cls.__name__} used the global numpy RNG")
+    after = np.random.get_state()[1]  # type: ignore[index]  # noqa: NPY002
+    np.testing.assert_array_equal(
+        probes[0], probes[1], err_msg=f"{cls.__name__}: not deterministic"
+    )
+    np.testing.assert_array_equal(
+        before, after, err_msg=f"{cls.__name__} used the global numpy RNG"
+    )
 
 
 def check_batch_split_invariance(cls: type[Operator]) -> None:
@@ -171,7 +178,9 @@ def check_batch_split_invariance(cls: type[Operator]) -> None:
         probes.append(_probe(spec, op))
     for p in probes[1:]:
         if spec.split_tolerance == 0.0:
-            np.testing.assert_array_equal(p, probes[0], err_msg=f"{cls.__name__}: split changes state")
+            np.testing.assert_array_equal(
+                p, probes[0], err_msg=f"{cls.__name__}: split changes state"
+            )
         else:
             err = _rel_err(p, probes[0])
             assert err <= spec.split_tolerance, (
@@ -218,7 +227,9 @@ def check_bad_input(cls: type[Operator]) -> None:
         )
         after = op.state()
         for k, arr in state_before.arrays.items():
-            np.testing.assert_array_equal(after.arrays[k], arr, err_msg=f"{cls.__name__}: {k} changed by {label}")
+            np.testing.assert_array_equal(
+                after.arrays[k], arr, err_msg=f"{cls.__name__}: {k} changed by {label}"
+            )
 
 
 def check_dtypes(cls: type[Operator]) -> None:
