@@ -159,7 +159,7 @@ class ArrowIPCSource:
                             f"ArrowIPCSource: bad position, {self.path} has {i} batches, "
                             f"not {start}"
                         )
-            except pa.ArrowException as exc:
+            except (pa.ArrowException, OSError) as exc:
                 raise ValueError(
                     f"ArrowIPCSource: {self.path} is not a readable Arrow IPC file: {exc}"
                 ) from exc
@@ -381,7 +381,10 @@ class ArrowIPCSink:
             raise ValueError(f"ArrowIPCSink: bad state {state!r}")
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path + ".tmp")
-        if offset > 0:
+        if offset == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(self.path, 0)
+        else:
             try:
                 size = os.path.getsize(self.path)
             except FileNotFoundError as exc:
