@@ -265,7 +265,8 @@ def test_state_roundtrip_through_json_then_continue() -> None:
     a.add(G[:8])
     st = a.state()
     meta = json.loads(json.dumps(st.meta))
-    b = SlidingWindowMFAC.from_state(OperatorState({k: v.copy() for k, v in st.arrays.items()}, meta))
+    arrays = {k: v.copy() for k, v in st.arrays.items()}
+    b = SlidingWindowMFAC.from_state(OperatorState(arrays, meta))
     a.add(G[8:])
     b.add(G[8:])
     x = rng.standard_normal(d).astype(np.float32)
