@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
@@ -83,6 +84,8 @@ class ArrowIPCSource:
         self.format = format
         self._batch = 0
         self._mmap: pa.MemoryMappedFile | None = None
+        self._gen: Iterator[pa.RecordBatch] | None = None
+        self._owner: int | None = None  # thread iterating, once started
         self._closed = False
 
     def position(self) -> Position:
@@ -102,14 +105,22 @@ class ArrowIPCSource:
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Iterate from the current position; the file is opened on the first ``next()``."""
         self._closed = False
-        return self._iterate()
+        self._owner = None
+        gen = self._gen = self._iterate()
+        return gen
 
     def close(self) -> None:
-        """Stop iteration at the next batch and unmap the file; idempotent."""
+        """Stop iteration at the next batch and unmap the file; idempotent.
+
+        From a thread other than the one iterating it only signals; that
+        thread's iterator ends at its next batch and unmaps the file itself.
+        """
         self._closed = True
-        mm, self._mmap = self._mmap, None
-        if mm is not None:
-            mm.close()
+        gen = self._gen
+        if gen is not None and self._owner in (None, threading.get_ident()):
+            with contextlib.suppress(ValueError):  # closed from inside the iteration
+                gen.close()  # type: ignore[attr-defined]
+            self._gen = None
 
     def _detect(self, mm: pa.MemoryMappedFile) -> str:
         if self.format != "auto":
@@ -119,6 +130,7 @@ class ArrowIPCSource:
         return "file" if head == _FILE_MAGIC else "stream"
 
     def _iterate(self) -> Iterator[pa.RecordBatch]:
+        self._owner = threading.get_ident()
         start = self._batch
         try:
             try:

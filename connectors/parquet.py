@@ -162,6 +162,7 @@ class ParquetSource:
         self._stop = threading.Event()
         self._pf: pq.ParquetFile | None = None
         self._gen: Iterator[pa.RecordBatch] | None = None
+        self._owner: int | None = None  # thread iterating, once started
         self._schema: pa.Schema | None = None
         self._schema_file: str | None = None
         self._known: set[str] = set()  # names listed so far (follow mode)
@@ -195,18 +196,24 @@ class ParquetSource:
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Iterate from the current position; opens nothing until the first ``next()``."""
         self._stop.clear()
+        self._owner = None
         gen = self._iterate()
         self._gen = gen
         return gen
 
     def close(self) -> None:
-        """End iteration (also when called from another thread) and close open files."""
+        """End iteration and close open files; idempotent.
+
+        Called from a thread other than the one iterating, it only signals:
+        that thread's iterator ends at its next batch or poll and closes the
+        files itself (closing them under it could fail its read).
+        """
         self._stop.set()
         gen = self._gen
-        if gen is not None:
-            with contextlib.suppress(ValueError):  # running in another thread: it stops itself
+        if gen is not None and self._owner in (None, threading.get_ident()):
+            with contextlib.suppress(ValueError):  # closed from inside the iteration
                 gen.close()  # type: ignore[attr-defined]
-        self._gen = None
+            self._gen = None
 
     @property
     def schema(self) -> pa.Schema | None:
@@ -279,6 +286,7 @@ class ParquetSource:
             pf.close()
 
     def _iterate(self) -> Iterator[pa.RecordBatch]:
+        self._owner = threading.get_ident()
         try:
             entries = self._entries()
             self._known.update(e[0] for e in entries)

@@ -82,7 +82,10 @@ def test_file_format_is_memory_mapped(tmp_path: Path) -> None:
     mapped = mm.read_buffer()  # whole-file view, shares the mapping
     assert mapped.address <= values.address < mapped.address + mapped.size
     src.close()
-    src.close()
+    assert src._mmap is None
+    assert list(it) == []
+    src.close()  # idempotent
+    assert first.column("id").to_pylist() == [0, 1, 2]  # still valid after unmapping
 
 
 def test_source_errors(tmp_path: Path) -> None:

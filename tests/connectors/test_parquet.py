@@ -230,6 +230,20 @@ def test_lazy_open_and_close(folder: Path, tmp_path: Path) -> None:
     src.close()  # idempotent
 
 
+def test_close_from_another_thread_between_batches(folder: Path) -> None:
+    src = ParquetSource(folder, batch_size=2)
+    it = src.batches()
+    first = next(it)
+    closer = threading.Thread(target=src.close)
+    closer.start()
+    closer.join()
+    assert src._pf is not None  # not closed under the iterating thread
+    rest = list(it)  # ends at the next batch, without error
+    assert len(rest) <= 1
+    assert src._pf is None
+    assert first.num_rows == 2
+
+
 def _write_atomically(folder: Path, name: str, start: int, n: int) -> None:
     tmp = folder / f".{name}"
     _write(tmp, start, n, row_group_size=4)
