@@ -29,11 +29,12 @@ __all__ = [
     "apply_weight",
     "coordinates_of",
     "general_update_factors",
-    "measured_restart_rank",
-    "model_restart_rank",
+    "measure_cost_ratio",
+    "restart_cost",
     "rotate",
+    "should_restart",
     "unrotate",
-    "woodbury_cycle_cost",
+    "woodbury_step_cost",
 ]
 
 FORMS = ("w_kron_i", "sqrt_w_kron_sqrt_w")
@@ -131,69 +132,53 @@ def general_update_factors(
 # -- restart policy -----------------------------------------------------------
 
 
-def woodbury_cycle_cost(
-    m: int, k_step: int, k_max: int, *, speeds: tuple[float, float, float] = (1.0, 1.0, 1.0)
-) -> float:
-    """Predicted mean cost of one step (update + one query) over a restart cycle.
+def woodbury_step_cost(m: int, j: int, k: int) -> float:
+    """Flops of appending ``k`` Woodbury columns to an accumulated rank ``j``.
 
-    The accumulated Woodbury rank grows by ``k_step`` per step from 0 until the
-    next step would pass ``k_max``; then the correction is folded into the base
-    (``M̃ += X S Xᵀ``) and the base is refactored by Cholesky. ``speeds`` are
-    relative flop rates of (GEMM/TRSM, LU of the capacitance, Cholesky); the
-    unit is one GEMM flop. Steps whose own rank exceeds ``k_max`` fold at once.
+    ``Z = M̃⁻¹X`` by two triangular solves (2m²k), the new block of
+    ``G = XᵀZ`` (2mjk + mk²), the LU of the ``(j+k)×(j+k)`` capacitance and the
+    extra work of one query (4m(j+k)).
     """
-    gemm, lu, chol = speeds
-    k_step = max(int(k_step), 1)
-    steps = max(int(k_max) // k_step, 1)
-    total = 0.0
-    j = 0
-    for _ in range(steps):
-        jn = j + k_step
-        total += (2.0 * m * m * k_step + 2.0 * m * j * k_step + 4.0 * m * jn) / gemm
-        total += (2.0 / 3.0) * jn**3 / lu
-        j = jn
-    total += (2.0 * m * m * j + 2.0 * m * j * j) / gemm + (m**3 / 3.0) / chol
-    return total / steps
+    jk = j + k
+    return 2.0 * m * m * k + 2.0 * m * j * k + m * k * k + (2.0 / 3.0) * jk**3 + 4.0 * m * jk
 
 
-def model_restart_rank(
-    m: int, k_step: int, *, speeds: tuple[float, float, float] = (1.0, 1.0, 1.0)
-) -> int:
-    """The restart threshold ``k_max`` minimising :func:`woodbury_cycle_cost`.
+def restart_cost(m: int, cost_ratio: float = 1.0) -> float:
+    """Flops of the Cholesky refactorisation ``m³/3`` scaled by ``cost_ratio``.
 
-    Deterministic (a flop model); :func:`measured_restart_rank` feeds it speeds
-    measured on this machine. At least ``k_step`` so one step always fits.
+    The fold ``M̃ += X S Xᵀ`` is owed by every accumulated column whether it is
+    folded now or later, so only the Cholesky decides between appending and
+    restarting. ``cost_ratio`` is the measured time per Cholesky flop over the
+    time per GEMM flop (:func:`measure_cost_ratio`); 1.0 is the flop model.
     """
-    k_step = max(int(k_step), 1)
-    best_k, best = k_step, math.inf
-    for mult in range(1, 65):
-        k = mult * k_step
-        if k > 4 * max(m, k_step):
-            break
-        c = woodbury_cycle_cost(m, k_step, k, speeds=speeds)
-        if c < best:
-            best_k, best = k, c
-    return int(best_k)
+    return cost_ratio * m**3 / 3.0
 
 
-def measured_restart_rank(
-    m: int, k_step: int, *, repeats: int = 3, seed: int = 0
-) -> tuple[int, tuple[float, float, float]]:
-    """Measure relative GEMM / LU / Cholesky speeds here and return ``(k_max, speeds)``.
+def should_restart(m: int, j: int, k: int, k_max: int, cost_ratio: float = 1.0) -> bool:
+    """Restart (fold and refactor) instead of appending ``k`` columns to rank ``j``?
 
-    Times one ``m×m·m×k`` GEMM, one ``k×k`` LU and one ``m×m`` Cholesky (best of
-    ``repeats``) and plugs the measured rates into :func:`model_restart_rank`.
-    The result is machine dependent; pass it as ``restart_rank`` to keep an
-    operator deterministic.
+    True when the accumulated rank would pass ``k_max`` or when the Woodbury
+    step would cost more than a restart (kronecker.md §8.3: switch to
+    recomputation when the predicted Woodbury cost exceeds it).
+    """
+    if j + k > k_max:
+        return True
+    return woodbury_step_cost(m, j, k) > restart_cost(m, cost_ratio)
+
+
+def measure_cost_ratio(m: int, k: int = 64, *, repeats: int = 3, seed: int = 0) -> float:
+    """Measured (time per Cholesky flop) / (time per triangular-solve flop) at size ``m``.
+
+    Machine dependent; pass the result as ``cost_ratio`` so that the operator
+    itself stays deterministic.
     """
     import scipy.linalg as sla
 
     rng = np.random.default_rng(seed)
-    k = max(int(k_step), 8)
     X = rng.standard_normal((m, m))
-    Y = rng.standard_normal((m, k))
-    K = rng.standard_normal((k, k)) + k * np.eye(k)
     spd = X @ X.T + m * np.eye(m)
+    L = np.linalg.cholesky(spd)
+    Y = rng.standard_normal((m, k))
 
     def best(fn: Any) -> float:
         out = math.inf
@@ -203,8 +188,6 @@ def measured_restart_rank(
             out = min(out, time.perf_counter() - t0)
         return max(out, 1e-9)
 
-    t_gemm = best(lambda: X @ Y) / (2.0 * m * m * k)
-    t_lu = best(lambda: sla.lu_factor(K, check_finite=False)) / ((2.0 / 3.0) * k**3)
+    t_solve = best(lambda: sla.cho_solve((L, True), Y, check_finite=False)) / (2.0 * m * m * k)
     t_chol = best(lambda: sla.cholesky(spd, lower=True, check_finite=False)) / (m**3 / 3.0)
-    speeds = (1.0, t_gemm / t_lu, t_gemm / t_chol)
-    return model_restart_rank(m, k_step, speeds=speeds), speeds
+    return t_chol / t_solve

@@ -20,8 +20,8 @@ from streamfact.kernels.kronecker_products import (
     apply_weight,
     coordinates_of,
     general_update_factors,
-    model_restart_rank,
     rotate,
+    should_restart,
     unrotate,
 )
 from streamfact.operators.base import (
@@ -193,6 +193,22 @@ class SketchPool:
         self._cache = None
 
 
+def _lowrank(X: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """``X S Xᵀ``; for diagonal ``S`` as two symmetric rank-k products (half the flops)."""
+    d = np.diag(S)
+    if np.count_nonzero(S - np.diag(d)) == 0:
+        pos, neg = d > 0, d < 0
+        out = np.zeros((X.shape[0], X.shape[0]))
+        if pos.any():
+            Xp = X[:, pos] * np.sqrt(d[pos])
+            out += Xp @ Xp.T
+        if neg.any():
+            Xn = X[:, neg] * np.sqrt(-d[neg])
+            out -= Xn @ Xn.T
+        return out
+    return (X @ S) @ X.T
+
+
 class KroneckerProjection(Operator):
     """Dynamic ``P h = Bᵀ(BBᵀ)⁻¹B h`` for ``B = A(W⊗I)`` or ``B = A(W^½⊗W^½)``.
 
@@ -221,7 +237,8 @@ class KroneckerProjection(Operator):
     so ``Δc`` may be negative or zero. A general ``ΔW = U C Uᵀ`` appends
     ``X = [Ã(Ũ⊗I), Ã(I⊗Ũ)]``, ``S = blkdiag(C⊗Ŵ', Ŵ⊗C)`` ("ww") or
     ``X = Ã(V⊗I)``, ``S = S_V⊗I`` ("wi") with ``Ũ = QᵀU`` (§5). When the
-    accumulated rank would pass ``restart_rank`` the correction is folded
+    Woodbury step would cost more than a restart (or the accumulated rank would
+    pass ``restart_rank``) the correction is folded
     (``M̃ ← M̃ + X S Xᵀ``, ``O(m²k)``) and ``M̃`` refactored by Cholesky
     (``m³/3``; never an explicit inverse); every ``refresh_every`` restarts ``M̃``
     is recomputed from scratch (``O(m²n²)``) to bound round-off drift (§8.1).
@@ -255,10 +272,14 @@ class KroneckerProjection(Operator):
     seed:
         Seed of the operator's ``numpy.random.Generator`` (sketch pool only).
     restart_rank:
-        Accumulated Woodbury rank that triggers a restart; ``None`` takes the
-        minimiser of the flop model
-        :func:`~streamfact.kernels.kronecker_products.model_restart_rank` for one
-        eigenvalue per step. ``measured_restart_rank`` calibrates it on a machine.
+        Cap on the accumulated Woodbury rank; ``None`` means ``m``.
+    cost_ratio:
+        Measured time per Cholesky flop over time per triangular-solve flop
+        (:func:`~streamfact.kernels.kronecker_products.measure_cost_ratio`). A
+        step restarts instead of appending Woodbury columns when its predicted
+        Woodbury cost ``2m²k + 2mjk + mk² + ⅔(j+k)³`` exceeds
+        ``cost_ratio · m³/3`` (the fold ``M̃ += XSXᵀ`` is owed either way), or
+        when the rank would pass ``restart_rank``. 1.0 is the pure flop model.
     refresh_every:
         Recompute ``M̃`` from scratch every this many restarts.
     dtype:
@@ -325,6 +346,7 @@ class KroneckerProjection(Operator):
         sketch: SketchSpec | None = None,
         seed: int = 0,
         restart_rank: int | None = None,
+        cost_ratio: float = 1.0,
         refresh_every: int = 64,
         dtype: str = "float64",
         device: str = "cpu",
@@ -339,6 +361,8 @@ class KroneckerProjection(Operator):
             raise ValueError("sketch must be a SketchSpec or None")
         if restart_rank is not None and int(restart_rank) < 1:
             raise ValueError("restart_rank must be positive")
+        if not (float(cost_ratio) > 0 and math.isfinite(float(cost_ratio))):
+            raise ValueError("cost_ratio must be a positive number")
         if int(refresh_every) < 1:
             raise ValueError("refresh_every must be positive")
         self.A = A
@@ -349,6 +373,7 @@ class KroneckerProjection(Operator):
         self.sketch = sketch
         self.seed = int(seed)
         self.restart_rank = None if restart_rank is None else int(restart_rank)
+        self.cost_ratio = float(cost_ratio)
         self.refresh_every = int(refresh_every)
         self.dtype = check_dtype(dtype).name
         self.device = device
@@ -370,8 +395,7 @@ class KroneckerProjection(Operator):
         if lam.min() < -1e-10 * max(float(lam.max()), 1e-300):
             raise ValueError(f"W must be positive semidefinite (min eigenvalue {lam.min():.3g})")
         self._n, self._m = n, A64.shape[0]
-        k_step = 2 * n - 1 if form == "sqrt_w_kron_sqrt_w" else n
-        self._k_max = self.restart_rank or model_restart_rank(self._m, k_step)
+        self._k_max = self.restart_rank or self._m
         self._setup(A64, Q, np.maximum(lam, 0.0))
 
     # -- construction helpers ---------------------------------------------------
@@ -469,7 +493,7 @@ class KroneckerProjection(Operator):
         k_old = self._X.shape[1]
         k_new = X_new.shape[1]
         k_tot = k_old + k_new
-        if k_tot > self._k_max:
+        if should_restart(self._m, k_old, k_new, self._k_max, self.cost_ratio):
             self._restart(X_new, S_new, S_existing, W_sync, sync_diag)
             return
         Z_new = sla.cho_solve((self._L, True), X_new, check_finite=False)
@@ -501,9 +525,9 @@ class KroneckerProjection(Operator):
         else:
             M = self._Mbase.copy()
             if self._X.shape[1]:
-                M += self._X @ (S_existing @ self._X.T)
+                M += _lowrank(self._X, S_existing)
             if X_new.shape[1]:
-                M += X_new @ (S_new @ X_new.T)
+                M += _lowrank(X_new, S_new)
             M = (M + M.T) / 2
         try:
             L = sla.cholesky(M, lower=True, check_finite=False)
@@ -853,6 +877,7 @@ class KroneckerProjection(Operator):
         op.form, op.mode = params["form"], params["mode"]
         op.epsilon, op.seed = float(params["epsilon"]), int(params["seed"])
         op.restart_rank = params.get("restart_rank")
+        op.cost_ratio = float(params.get("cost_ratio", 1.0))
         op.refresh_every = int(params["refresh_every"])
         op.dtype, op.device = check_dtype(params["dtype"]).name, params["device"]
         op._backend = resolve_backend(op.device)
