@@ -96,10 +96,16 @@ class SketchPool:
     Each member ``R_j`` is ``b×N`` with i.i.d. ``N(0, 1/b)`` entries, so
     ``⟨R_j u, R_j v⟩`` is an unbiased estimate of ``⟨u, v⟩`` with standard
     deviation ``√((‖u‖²‖v‖² + ⟨u,v⟩²)/b)``. A query is answered from all ``s``
-    members by the exponential-mechanism median (Beimel et al., STOC 2022): the
-    gaps between consecutive sorted estimates inside ``[lo, hi]`` are weighted by
-    ``length · exp(−ε·|rank − s/2| / 2)``, one gap is drawn and a point is drawn
-    uniformly in it. After ``horizon`` answers the pool is redrawn. Members are
+    members by an exponential-mechanism median in the spirit of Beimel et al.
+    (STOC 2022): the gaps between consecutive sorted estimates (clipped to
+    ``[lo, hi]``) are weighted by ``length · exp(−ε·|rank − s/2| / 2)``, one gap
+    is drawn and a point is drawn uniformly in it. The two unbounded outer gaps
+    (below the smallest and above the largest estimate) are left out: with
+    ``s ≈ √T`` members the range-bounded mechanism picks them too often; the
+    price is that the output range depends on the extreme estimates, so this is
+    a randomised median, not a certified (ε, δ)-DP one (the paper's exact
+    mechanism and constants are unverified, kronecker.md §12). After
+    ``horizon`` answers the pool is redrawn. Members are
     regenerated from ``(pool_seed, generation, j)`` and never stored in state.
 
     Parameters
@@ -164,20 +170,22 @@ class SketchPool:
     def _private_median(self, est: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         s, q = est.shape
         vals = np.sort(np.clip(est, lo[None, :], hi[None, :]), axis=0)
-        edges = np.concatenate([lo[None, :], vals, hi[None, :]], axis=0)  # (s+2, q)
-        length = np.diff(edges, axis=0)  # (s+1, q): gap k holds k estimates below it
-        score = -np.abs(np.arange(s + 1) - s / 2.0)
-        logw = (
-            np.log(np.maximum(length, 1e-300)) + 0.5 * float(self.spec.dp_epsilon) * score[:, None]
-        )
+        if s == 1:
+            return vals[0]
+        length = np.diff(vals, axis=0)  # (s-1, q): gap k has k+1 estimates below it
+        score = -np.abs(np.arange(1, s) - s / 2.0)
+        eps = float(self.spec.dp_epsilon)
+        logw = np.log(np.maximum(length, 1e-300)) + 0.5 * eps * score[:, None]
         logw[length <= 0] = -np.inf
-        logw -= logw.max(axis=0, keepdims=True)
-        w = np.exp(logw)
+        top = logw.max(axis=0, keepdims=True)
+        tied = ~np.isfinite(top[0])  # all estimates equal
+        logw[:, tied] = 0.0
+        w = np.exp(logw - np.where(np.isfinite(top), top, 0.0))
         cdf = np.cumsum(w, axis=0)
         u = self.rng.random(q) * cdf[-1]
-        k = np.minimum((cdf < u[None, :]).sum(axis=0), s)
+        k = np.minimum((cdf < u[None, :]).sum(axis=0), s - 2)
         cols = np.arange(q)
-        return edges[k, cols] + self.rng.random(q) * length[k, cols]
+        return vals[k, cols] + self.rng.random(q) * length[k, cols]
 
     def state_meta(self) -> dict[str, Any]:
         return {
@@ -918,11 +926,11 @@ class KroneckerProjection(Operator):
         self._refreshes, self._pushed = int(c["refreshes"]), int(c["pushed"])
         self._queries = int(c["queries"])
         self._rng = np.random.default_rng(self.seed)
-        self._rng.bit_generator.state = meta["rng"]
         self._pool = None
         if self.sketch is not None:
             self._pool = SketchPool(self.sketch, n * n, self._rng)
             self._pool.load_meta(meta["pool"])
+        self._rng.bit_generator.state = meta["rng"]  # after the pool drew its seed
 
     # -- conformance -----------------------------------------------------------------------
     @classmethod
