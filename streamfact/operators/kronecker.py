@@ -202,19 +202,21 @@ class SketchPool:
 
 
 def _lowrank(X: np.ndarray, S: np.ndarray) -> np.ndarray:
-    """``X S Xᵀ``; for diagonal ``S`` as two symmetric rank-k products (half the flops)."""
+    """``X S Xᵀ``, exactly symmetric; diagonal ``S`` as two symmetric rank-k products."""
     d = np.diag(S)
     if np.count_nonzero(S - np.diag(d)) == 0:
         pos, neg = d > 0, d < 0
         out = np.zeros((X.shape[0], X.shape[0]))
+        Xt = X.T  # k×m; row gathers are contiguous when X is a view of Ãᵀ
         if pos.any():
-            Xp = X[:, pos] * np.sqrt(d[pos])
-            out += Xp @ Xp.T
+            Yp = Xt[pos] * np.sqrt(d[pos])[:, None]
+            out += Yp.T @ Yp
         if neg.any():
-            Xn = X[:, neg] * np.sqrt(-d[neg])
-            out -= Xn @ Xn.T
+            Yn = Xt[neg] * np.sqrt(-d[neg])[:, None]
+            out -= Yn.T @ Yn
         return out
-    return (X @ S) @ X.T
+    out = (X @ S) @ X.T
+    return (out + out.T) / 2
 
 
 class KroneckerProjection(Operator):
@@ -416,6 +418,8 @@ class KroneckerProjection(Operator):
         self._At3 = rotate(A3, self._Qb, self.form)
         self._At = self._At3.reshape(m, n * n)
         self._At64 = np.asarray(to_numpy(self._At), dtype=np.float64)
+        # Column gathers of Ã become contiguous row gathers of Ãᵀ.
+        self._At64T = np.ascontiguousarray(self._At64.T)
         self._lam_true = lam.astype(np.float64).copy()
         self._W_sync = np.diag(lam).astype(np.float64)
         self._W_base = self._W_sync.copy()
@@ -536,7 +540,6 @@ class KroneckerProjection(Operator):
                 M += _lowrank(self._X, S_existing)
             if X_new.shape[1]:
                 M += _lowrank(X_new, S_new)
-            M = (M + M.T) / 2
         try:
             L = sla.cholesky(M, lower=True, check_finite=False)
         except np.linalg.LinAlgError as exc:
@@ -567,7 +570,7 @@ class KroneckerProjection(Operator):
         S_existing = self._S.copy()
         S_existing[where[~fresh], where[~fresh]] = dc[~fresh]
         cols_new = coords[fresh]
-        X_new = self._At64[:, cols_new]
+        X_new = self._At64T[cols_new].T
         self._apply(X_new, np.diag(dc[fresh]), cols_new, S_existing, np.diag(lam_sync_new), True)
 
     def _push_general(self, Ut: np.ndarray, C: np.ndarray) -> None:
@@ -906,6 +909,8 @@ class KroneckerProjection(Operator):
         self._At3 = rotate(A3, self._Qb, self.form)
         self._At = self._At3.reshape(m, n * n)
         self._At64 = np.asarray(to_numpy(self._At), dtype=np.float64)
+        # Column gathers of Ã become contiguous row gathers of Ãᵀ.
+        self._At64T = np.ascontiguousarray(self._At64.T)
         self._lam_true = a["lam_true"].astype(np.float64, copy=True)
         self._W_sync = a["W_sync"].astype(np.float64, copy=True)
         self._W_base = a["W_base"].astype(np.float64, copy=True)
