@@ -1,0 +1,154 @@
+"""Per-row sequential loops for the top-eigenvector operators (numba, CPU).
+
+Oja's rule is inherently sequential (each row sees the vector left by the one
+before), and the heavy-row test of :class:`~streamfact.operators.eigenvector.TopEigenvector`
+compares each row with a running Frobenius estimate; both are O(1) or O(d)
+per row and run here. Batched products stay in BLAS / torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = ["oja_csr", "oja_dense", "row_sqnorms_csr", "row_sqnorms_dense"]
+
+
+@numba.njit(cache=True)
+def row_sqnorms_dense(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Squared Euclidean norm of each row, accumulated in float64."""
+    n, d = x.shape
+    out = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        acc = 0.0
+        for j in range(d):
+            acc += float(x[i, j]) * float(x[i, j])
+        out[i] = acc
+    return out
+
+
+@numba.njit(cache=True)
+def row_sqnorms_csr(
+    indptr: np.ndarray, data: np.ndarray
+) -> np.ndarray:  # pragma: no cover - compiled
+    n = indptr.shape[0] - 1
+    out = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        acc = 0.0
+        for k in range(indptr[i], indptr[i + 1]):
+            acc += float(data[k]) * float(data[k])
+        out[i] = acc
+    return out
+
+
+@numba.njit(cache=True)
+def _renormalise(v: np.ndarray) -> float:  # pragma: no cover - compiled
+    acc = 0.0
+    for j in range(v.shape[0]):
+        acc += float(v[j]) * float(v[j])
+    norm = math.sqrt(acc)
+    if norm > 0.0:
+        for j in range(v.shape[0]):
+            v[j] = v[j] / norm
+    return norm
+
+
+@numba.njit(cache=True)
+def _oja_step(
+    v: np.ndarray, c: float, a2: float, eta: float, nu: float, big: float
+) -> tuple[float, float, float, float]:  # pragma: no cover - compiled
+    """Coefficients (alpha, beta) of v ← alpha·v + beta·a, the new ‖v‖², and c.
+
+    ``nu`` tracks ‖v‖² (exact in exact arithmetic):
+    ‖v + ηc a‖² = ν + 2ηc² + η²c²‖a‖² ≤ ν·g², g = 1 + η‖a‖². When ν·g² could
+    pass ``big`` the vector is renormalised first (in place; c is rescaled);
+    when g² alone passes ``big`` the whole step is divided by g, which keeps
+    the direction and cannot overflow.
+    """
+    g = 1.0 + eta * a2
+    if nu * g * g > big:
+        norm = _renormalise(v)
+        c = c / norm
+        nu = 1.0
+    if g * g > big:
+        alpha = 1.0 / g
+        beta = (eta / g) * c
+        nu = (nu + 2.0 * eta * c * c + eta * eta * c * c * a2) / (g * g)
+    else:
+        alpha = 1.0
+        beta = eta * c
+        nu = nu + 2.0 * eta * c * c + eta * eta * c * c * a2
+    return alpha, beta, nu, c
+
+
+@numba.njit(cache=True)
+def oja_dense(
+    x: np.ndarray,
+    v: np.ndarray,
+    eta: float,
+    nu: float,
+    count: int,
+    every: int,
+    big: float,
+) -> tuple[float, int]:  # pragma: no cover - compiled
+    """Oja's rule ``v ← v + η a (aᵀv)`` over the rows of ``x``, in place on ``v``.
+
+    Zero rows are skipped (they leave v unchanged and do not advance the
+    renormalisation counter). Returns the tracked ``‖v‖²`` and the row count.
+    """
+    n, d = x.shape
+    for i in range(n):
+        a2 = 0.0
+        c = 0.0
+        for j in range(d):
+            a2 += float(x[i, j]) * float(x[i, j])
+            c += float(x[i, j]) * float(v[j])
+        if a2 == 0.0:
+            continue
+        alpha, beta, nu_new, c = _oja_step(v, c, a2, eta, nu, big)
+        for j in range(d):
+            v[j] = alpha * v[j] + beta * x[i, j]
+        nu = nu_new
+        count += 1
+        if count % every == 0:
+            _renormalise(v)
+            nu = 1.0
+    return nu, count
+
+
+@numba.njit(cache=True)
+def oja_csr(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    v: np.ndarray,
+    eta: float,
+    nu: float,
+    count: int,
+    every: int,
+    big: float,
+) -> tuple[float, int]:  # pragma: no cover - compiled
+    """:func:`oja_dense` for CSR rows (O(nnz) per row plus O(d) when α ≠ 1)."""
+    n = indptr.shape[0] - 1
+    for i in range(n):
+        a2 = 0.0
+        c = 0.0
+        for k in range(indptr[i], indptr[i + 1]):
+            a2 += float(data[k]) * float(data[k])
+            c += float(data[k]) * float(v[indices[k]])
+        if a2 == 0.0:
+            continue
+        alpha, beta, nu_new, c = _oja_step(v, c, a2, eta, nu, big)
+        if alpha != 1.0:
+            for j in range(v.shape[0]):
+                v[j] = alpha * v[j]
+        for k in range(indptr[i], indptr[i + 1]):
+            v[indices[k]] += beta * data[k]
+        nu = nu_new
+        count += 1
+        if count % every == 0:
+            _renormalise(v)
+            nu = 1.0
+    return nu, count
