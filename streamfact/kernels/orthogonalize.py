@@ -157,6 +157,19 @@ def _finish(
     return la.mm(q, fr[:, keep]), sig[keep, None] * gt[keep]
 
 
+def _well_conditioned(r: np.ndarray, cutoff: float, limit: float = 1e3) -> bool:
+    """Is the triangular ``r`` (q×p) square, with cond₁ ≤ ``limit`` and all
+    diagonal entries above ``cutoff``? O(p²) via LAPACK ``trcon``."""
+    if r.shape[0] != r.shape[1] or r.shape[0] == 0:
+        return False
+    diag = np.abs(np.diag(r))
+    if diag.min() <= cutoff:
+        return False
+    trcon = sla.get_lapack_funcs("trcon", (r,))
+    rcond, info = trcon(np.asfortranarray(r), norm="1", uplo="U", diag="N")
+    return bool(info == 0 and rcond * limit >= 1.0)
+
+
 def residual_basis(
     basis: Basis,
     y: Any,
@@ -196,6 +209,10 @@ def residual_basis(
         x = _dense(y) - basis.apply(c)
         x = basis.project_out(x)
         q0, r0 = la.qr(x)
+        if _well_conditioned(r0, cutoff):
+            # Q0's component along J is ~ε‖X‖·‖R0⁻¹‖ ≤ ε·1e3: no rank drop and
+            # no third projection needed (the common case, one QR in all).
+            return q0, r0
         fr, sig, gt = la.svd(r0)
         keep = sig > cutoff
         if not keep.any():

@@ -441,7 +441,8 @@ class IncrementalSVD(Operator):
                 w1 = side.w1
                 delta = la.mm(q, e2)
                 cross = la.mm(w1.T, q) @ e2
-                side.gram = side.gram + cross + cross.T + e2.T @ (q.T @ q) @ e2
+                # QᵀQ = I to rounding (Q is re-orthogonalised against itself and W).
+                side.gram = side.gram + cross + cross.T + e2.T @ e2
                 side.buf[: side.n] = w1 + delta
                 side.k = k_new
                 side.cond = c
