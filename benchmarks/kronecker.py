@@ -38,10 +38,10 @@ WW = "sqrt_w_kron_sqrt_w"
 
 
 def problem(n: int, m: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Symmetric A_i with row scales 1..30 and W with eigenvalues 0.05..20 (cond(BBᵀ) ~ 1e5)."""
+    """Symmetric A_i with row scales 1..100 and W with eigenvalues 0.05..20 (cond(BBᵀ) ~ 1e5)."""
     rng = np.random.default_rng(seed)
     A3 = rng.standard_normal((m, n, n))
-    A3 = (A3 + A3.transpose(0, 2, 1)) * np.geomspace(1.0, 30.0, m)[:, None, None]
+    A3 = (A3 + A3.transpose(0, 2, 1)) * np.geomspace(1.0, 100.0, m)[:, None, None]
     Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     return A3, Q, np.geomspace(0.05, 20.0, n)
 

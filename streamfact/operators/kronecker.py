@@ -311,7 +311,8 @@ class KroneckerProjection(Operator):
 
     Notes
     -----
-    Memory ``O(m n² + m² + m·restart_rank)``. Time per step with Woodbury rank
+    Memory ``O(m n² + m² + m·restart_rank)`` (``Ã`` is held twice, m×n² for
+    queries and n²×m for contiguous column gathers). Time per step with Woodbury rank
     ``k`` and accumulated rank ``j``: ``O(m²k + mjk + j³)``; a restart
     ``O(m²j + m³)``; a full refresh ``O(m²n²)`` (plus ``O(mn³)`` when W has left
     the eigenbasis). Query ``O(m n² + m² + mj + n³)``. Construction ``O(m n³ +
