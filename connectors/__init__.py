@@ -4,9 +4,9 @@ Installed as ``streamfact.connectors``. Connectors implement the protocols of
 :mod:`streamfact.io` and know nothing of operators.
 """
 
-from streamfact.connectors.arrow_ipc import ArrowIPCSink, ArrowIPCSource
-from streamfact.connectors.memory import MemorySink, MemorySource, fixed_size_list_array
-from streamfact.connectors.parquet import ParquetSink, ParquetSource
+from .arrow_ipc import ArrowIPCSink, ArrowIPCSource
+from .memory import MemorySink, MemorySource, fixed_size_list_array
+from .parquet import ParquetSink, ParquetSource
 
 __all__ = [
     "ArrowIPCSink",
