@@ -259,6 +259,21 @@ def score(
 # -- scenarios -----------------------------------------------------------------------------
 
 
+def _bind(
+    kind: str, x: sp.csr_array, y: sp.csr_array | None, a: sp.csr_array
+) -> Callable[[Method], None]:
+    def call(mt: Method) -> None:
+        if kind == "rows":
+            mt.rows(x, a)
+        elif kind == "cols":
+            mt.cols(x, a)
+        else:
+            assert y is not None
+            mt.lowrank(x, y, a)
+
+    return call
+
+
 def run_scenario(
     name: str, a_full: sp.csr_array, k: int, methods: list[Method], batches: int,
     batch_rows: int, seed: int,
@@ -285,25 +300,25 @@ def run_scenario(
             lo = m // 2 + step * size
             e = sp.csr_array(a_full[lo : lo + size])
             a = sp.csr_array(sp.vstack([a, e], format="csr"))
-            calls: list[Callable[[Method], None]] = [lambda mt, e=e, a=a: mt.rows(e, a)]
+            call = _bind("rows", e, None, a)
         elif name == "cols":
             size = (n - n // 2) // batches
             lo = n // 2 + step * size
             e = sp.csr_array(a_full[:, lo : lo + size])
             a = sp.csr_array(sp.hstack([a, e], format="csr"))
-            calls = [lambda mt, e=e, a=a: mt.cols(e, a)]
+            call = _bind("cols", e, None, a)
         else:
             b = sp.random_array((m, 10), density=0.002, random_state=rng, format="csr")
             c = sp.random_array((n, 10), density=0.01, random_state=rng, format="csr")
             b, c = sp.csr_array(b), sp.csr_array(c)
             a = sp.csr_array(a + b @ c.T)
-            calls = [lambda mt, b=b, c=c, a=a: mt.lowrank(b, c, a)]
+            call = _bind("lowrank", b, c, a)
         for meth in methods:
             if meth.name in failed:
                 continue
             t0 = time.perf_counter()
             try:
-                calls[0](meth)
+                call(meth)
             except Exception as exc:  # a peer that crashes is reported, not fatal
                 failed[meth.name] = f"{type(exc).__name__}: {str(exc)[:60]}"
                 continue
