@@ -146,11 +146,17 @@ class _RowBuffer:
 
     def times(self, x: Any, n: int) -> np.ndarray:
         """``G[:n] @ xᵀ`` as float64 (n×b): one pass over the buffer."""
-        return np.asarray(self.backend.to_numpy(self.data[:n] @ x.T), dtype=np.float64)
+        if x.shape[0] == 1:  # matrix-vector kernels stream G faster than a 1-column GEMM
+            out = (self.data[:n] @ x[0])[:, None]
+        else:
+            out = self.data[:n] @ x.T
+        return np.asarray(self.backend.to_numpy(out), dtype=np.float64)
 
     def combine(self, y: np.ndarray, n: int) -> Any:
         """``yᵀ @ G[:n]`` (b×d) for a float64 n×b ``y``: one pass over the buffer."""
         coeff = self.backend.asarray(np.ascontiguousarray(y.T), self.dtype)
+        if coeff.shape[0] == 1:
+            return (coeff[0] @ self.data[:n])[None, :]
         return coeff @ self.data[:n]
 
     def scale(self, x: Any, alpha: float) -> Any:
