@@ -13,7 +13,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["oja_csr", "oja_dense", "row_sqnorms_csr", "row_sqnorms_dense"]
+__all__ = ["classify_rows", "oja_csr", "oja_dense", "row_sqnorms_csr", "row_sqnorms_dense"]
 
 
 @numba.njit(cache=True)
@@ -152,3 +152,66 @@ def oja_csr(
             _renormalise(v)
             nu = 1.0
     return nu, count
+
+
+@numba.njit(cache=True)
+def classify_rows(
+    norms2: np.ndarray,
+    probes2: np.ndarray,
+    start: int,
+    scal: np.ndarray,
+    det: np.ndarray,
+    c_h: float,
+    kappa: float,
+    flags: np.ndarray,
+) -> int:  # pragma: no cover - compiled
+    """Heavy-row test of TopEigenvector for rows ``start..`` up to the block end.
+
+    ``scal`` = [t, n_guess, block_end, s_light, s_heavy] is updated in place:
+    t counts nonzero rows, the estimate of ‖A‖_F² is
+    ``F̂ = (S_L + ‖a‖²)·n/t + S_H`` and a row is heavy when ``‖a‖²·c_h ≥ F̂``.
+    While ``t·c_h ≤ 2n`` that test cannot fire (the row's own share is
+    extrapolated by n/t), so there a row is also heavy when it exceeds
+    ``kappa`` times the running mean of ‖a‖². ``det`` accumulates, over the
+    light rows of the block, [count, Σx, Σx²] for x = ‖a‖², (g₁ᵀa)², (g₂ᵀa)².
+    ``flags``: 0 light, 1 heavy, 2 zero row (ignored). Returns the index of the
+    first row not consumed (a row that would start the next block).
+    """
+    n = norms2.shape[0]
+    t = scal[0]
+    n_guess = scal[1]
+    block_end = scal[2]
+    s_light = scal[3]
+    s_heavy = scal[4]
+    i = start
+    while i < n:
+        a2 = norms2[i]
+        if a2 == 0.0:
+            flags[i] = 2
+            i += 1
+            continue
+        if t >= block_end:
+            break
+        t += 1.0
+        f_hat = (s_light + a2) * n_guess / t + s_heavy
+        heavy = a2 * c_h >= f_hat
+        if not heavy and t * c_h <= 2.0 * n_guess:
+            heavy = a2 * t >= kappa * (s_light + s_heavy + a2)
+        if heavy:
+            s_heavy += a2
+            flags[i] = 1
+        else:
+            s_light += a2
+            flags[i] = 0
+            det[0] += 1.0
+            det[1] += a2
+            det[2] += a2 * a2
+            for k in range(2):
+                p = probes2[i, k]
+                det[3 + 2 * k] += p
+                det[4 + 2 * k] += p * p
+        i += 1
+    scal[0] = t
+    scal[3] = s_light
+    scal[4] = s_heavy
+    return i
