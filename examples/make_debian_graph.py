@@ -10,6 +10,9 @@ dropped). Made on Debian 12 (bookworm, amd64) with::
     apt-cache dumpavail > dumpavail.txt
     python examples/make_debian_graph.py dumpavail.txt
 
+``weight`` is the inverse document frequency of the dependency,
+``log(#packages / #packages depending on dst)``, so that a dependency on
+``libc6`` says less about a package than a dependency on ``libgimp2.0``.
 The edges are shuffled with a fixed seed (a random-order stream) and written
 as eight Parquet files, so the daemon sees them arrive file by file.
 """
@@ -54,6 +57,9 @@ def main(path: str) -> None:
     order = np.random.default_rng(2026).permutation(len(edges))
     src = np.array([edges[i][0] for i in order])
     dst = np.array([edges[i][1] for i in order])
+    n_packages = len({e[0] for e in edges})
+    _, dst_index, indegree = np.unique(dst, return_inverse=True, return_counts=True)
+    idf = np.log(n_packages / indegree[dst_index])
     out = Path(__file__).parent / "data" / "debian-deps"
     out.mkdir(parents=True, exist_ok=True)
     for f in out.glob("*.parquet"):
@@ -63,7 +69,7 @@ def main(path: str) -> None:
             {
                 "src": pa.array(src[rows]),
                 "dst": pa.array(dst[rows]),
-                "weight": pa.array(np.ones(rows.size)),
+                "weight": pa.array(idf[rows]),
             }
         )
         pq.write_table(table, out / f"edges-{i}.parquet", compression="zstd", row_group_size=16384)
