@@ -519,7 +519,11 @@ class SlidingWindowMFAC(Operator):
         """K⁻¹ rhs for ring-ordered float64 rhs (fill×k); result in ring order."""
         tslots = self._time_slots()
         f = self.fill_
-        y_time = sla.cho_solve((self.factor_[:f, :f], False), rhs_ring[tslots])
+        R = self.factor_[:f, :f]
+        # Two O(f²) triangular solves; scipy passes the C-ordered R to LAPACK as
+        # its transpose, so nothing is copied (cho_solve would copy R each call).
+        z = sla.solve_triangular(R, rhs_ring[tslots], trans="T", check_finite=False)
+        y_time = sla.solve_triangular(R, z, check_finite=False)
         out = np.empty_like(y_time)
         out[tslots] = y_time
         return out
