@@ -195,8 +195,8 @@ def classify_rows(
         t += 1.0
         f_hat = (s_light + a2) * n_guess / t + s_heavy
         heavy = a2 * c_h >= f_hat
-        if not heavy and t * c_h <= 2.0 * n_guess:
-            heavy = a2 * t >= kappa * (s_light + s_heavy + a2)
+        if not heavy and t >= 2.0 and t * c_h <= 2.0 * n_guess:
+            heavy = a2 * (t - 1.0) >= kappa * (s_light + s_heavy)
         if heavy:
             s_heavy += a2
             flags[i] = 1

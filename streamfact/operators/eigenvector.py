@@ -58,9 +58,12 @@ def _orth(m: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 
 def _probe_matrix(dim: int, seed: int) -> np.ndarray:
-    """Two fixed ±1/√d probes for the order test, regenerated from the seed."""
+    """Two fixed Gaussian probes (d×2, scaled 1/√d) for the order test.
+
+    Regenerated from the seed on each call, so they are not part of the state.
+    """
     rng = np.random.default_rng([int(seed), 0x5EED])
-    return rng.choice(np.array([-1.0, 1.0]), size=(dim, 2)) / math.sqrt(dim)
+    return rng.standard_normal((dim, 2)) / math.sqrt(dim)
 
 
 class TopEigenvector(Operator):
@@ -114,7 +117,7 @@ class TopEigenvector(Operator):
       doubles it each time the stream outgrows it; every epoch has ``p`` blocks.
     * **Blind start.** While ``t·c_h ≤ 2n`` the threshold cannot fire (a row's
       own share is extrapolated by ``n/t``), so there a row is also heavy when it
-      exceeds 8× the running mean of ``‖a‖²``; a stored row that falls below
+      exceeds 8× the mean ``‖a‖²`` of the rows before it; a stored row that falls below
       half the threshold at a block end is demoted (it then counts as a light
       row of its block). Only a heavy *first* row stays undetectable.
     * Zero rows are ignored: they change neither ``AᵀA`` nor the state.
