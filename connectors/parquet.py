@@ -23,9 +23,7 @@ PathLike = str | os.PathLike[str]
 
 def _is_data_file(name: str) -> bool:
     return (
-        name.endswith(".parquet")
-        and not name.startswith((".", "_"))
-        and not name.endswith(".tmp")
+        name.endswith(".parquet") and not name.startswith((".", "_")) and not name.endswith(".tmp")
     )
 
 
@@ -76,6 +74,11 @@ class ParquetSource:
     stop_after_idle:
         Follow mode only: stop after this many seconds with no new file
         (default: never).
+    strict_schema:
+        ``True`` (default): every file must have the first file's schema.
+        ``False``: batches keep their own file's schema, and the stage that
+        binds columns rejects rows lacking a column under its error policy
+        (what a long-running service following a shared folder wants).
 
     Attributes
     ----------
@@ -103,8 +106,9 @@ class ParquetSource:
     files with increasing names, e.g. with :class:`ParquetSink`, and rename
     them into place so a half-written file is never listed).
 
-    All files must have the same Arrow schema (metadata aside); a file that
-    differs, is missing, or is not valid Parquet raises an error naming it.
+    With ``strict_schema`` all files must have the same Arrow schema (metadata
+    aside); a file that differs, is missing, or is not valid Parquet raises an
+    error naming it.
 
     Examples
     --------
@@ -137,6 +141,7 @@ class ParquetSource:
         follow: bool = False,
         poll_interval: float = 1.0,
         stop_after_idle: float | None = None,
+        strict_schema: bool = True,
     ) -> None:
         if int(batch_size) <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -156,6 +161,7 @@ class ParquetSource:
         self.bounded = not self.follow
         self.poll_interval = float(poll_interval)
         self.stop_after_idle = None if stop_after_idle is None else float(stop_after_idle)
+        self.strict_schema = bool(strict_schema)
         self._file: str | None = None
         self._rg = 0
         self._row = 0
@@ -270,7 +276,7 @@ class ParquetSource:
                 schema = pa.schema([schema.field(c) for c in self.columns])
             if self._schema is None:
                 self._schema, self._schema_file = schema, full
-            elif not schema.equals(self._schema, check_metadata=False):
+            elif self.strict_schema and not schema.equals(self._schema, check_metadata=False):
                 raise ValueError(
                     f"ParquetSource: schema of {full} differs from that of {self._schema_file}:\n"
                     f"{schema}\nvs\n{self._schema}"

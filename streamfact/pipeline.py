@@ -119,6 +119,7 @@ class Pipeline:
         self._active: Iterator[pa.RecordBatch] | None = None
         self._closed = False
         self.resumed_from: int | None = None
+        self._restored = False
 
     # -- building -----------------------------------------------------------
     def update(
@@ -297,7 +298,7 @@ class Pipeline:
     def _drive(self) -> Iterator[pa.RecordBatch]:
         bar = None
         try:
-            self._restore()
+            self.restore()
             self._last_position = self.source.position()
             bar = _progress_bar(self.progress, self.name, self.counters)
             rows_since = 0
@@ -421,6 +422,18 @@ class Pipeline:
             time.perf_counter() - t0
         )
         return ckpt.sequence
+
+    def restore(self) -> int | None:
+        """Load the latest good checkpoint now (otherwise the first pull does it).
+
+        Restores the operators in place, seeks the source and rolls the sinks
+        back. Returns the checkpoint's sequence, or None when there is none.
+        Idempotent.
+        """
+        if not self._restored:
+            self._restored = True
+            self._restore()
+        return self.resumed_from
 
     def _restore(self) -> None:
         store = self._store()

@@ -1,0 +1,266 @@
+"""``streamfact serve``: keep row and column embeddings fresh from an event stream.
+
+The daemon composes the engine's parts and adds no numerics of its own:
+
+* a source — a followed Parquet folder or a Kafka topic;
+* a :class:`~streamfact.pipeline.Pipeline` whose one update stage feeds the
+  events to a :class:`~streamfact.operators.keyed_svd.KeyedSVD`, with the
+  configured bad-input policy and checkpoints every N events / seconds;
+* a publisher thread that turns the model into an immutable
+  :class:`~streamfact.service.snapshots.Snapshot` (in memory and as versioned
+  Parquet) at most every ``snapshots.every_seconds``;
+* the HTTP API on 127.0.0.1 by default.
+
+SIGTERM (or SIGINT) makes it finish the batch in hand, checkpoint, publish a
+final snapshot and exit 0. After SIGKILL the next start resumes from the last
+checkpoint and replays from its source position, so no event is lost or
+counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import streamfact as sf
+from streamfact.io import Sink, Source
+from streamfact.operators.keyed_svd import KeyedSVD
+from streamfact.pipeline import Pipeline
+from streamfact.service.config import ServeConfig
+from streamfact.service.http import ApiServer
+from streamfact.service.metrics import make_registry, render
+from streamfact.service.snapshots import Snapshot, SnapshotWriter
+
+__all__ = ["EmbeddingDaemon", "make_source"]
+
+log = logging.getLogger("streamfact.serve")
+
+
+def make_source(cfg: ServeConfig) -> Source:
+    """The configured source (connectors are imported here, at the edge)."""
+    if cfg["source.kind"] == "kafka":
+        from streamfact.connectors.kafka import KafkaSource
+
+        return KafkaSource(
+            cfg["source.topic"],
+            cfg["source.bootstrap"],
+            group=cfg["source.group"] or None,
+            format=cfg["source.format"],
+            batch_size=cfg["source.batch_size"],
+        )
+    from streamfact.connectors import ParquetSource
+
+    idle = float(cfg["source.stop_after_idle"])
+    return ParquetSource(
+        cfg.source_path,
+        batch_size=cfg["source.batch_size"],
+        follow=cfg["source.follow"],
+        poll_interval=float(cfg["source.poll_interval"]),
+        stop_after_idle=idle if idle > 0 else None,
+        strict_schema=False,  # a stray file is rejected row by row, not fatal
+    )
+
+
+def _dead_letter_sink(cfg: ServeConfig) -> Sink | None:
+    if cfg["errors.policy"] != "dead_letter":
+        return None
+    from streamfact.connectors import ParquetSink
+
+    return ParquetSink(cfg.path("errors.dead_letter_path"), rows_per_file=100_000)
+
+
+class EmbeddingDaemon:
+    """The long-running embedding service; :meth:`run` blocks until stopped."""
+
+    def __init__(self, cfg: ServeConfig, *, source: Source | None = None) -> None:
+        self.cfg = cfg
+        self.model = KeyedSVD(
+            cfg["model.rank"],
+            key_kind=cfg["events.key_type"],
+            method=cfg["model.method"],
+            dtype=cfg["model.dtype"],
+            device=cfg["model.device"],
+        )
+        self.source = source if source is not None else make_source(cfg)
+        bindings: dict[str, Any] = {
+            "rows": sf.keys(cfg.row_column),
+            "cols": sf.keys(cfg.col_column),
+        }
+        if cfg.weight_column:
+            bindings["weights"] = sf.scalar(cfg.weight_column)
+        # The model lock is taken when a batch enters the pipeline and released
+        # once it has been applied, so the publisher never reads a half update.
+        self._lock = threading.Lock()
+        self._holding = False
+        self.pipeline = (
+            Pipeline(self.source, progress=False, name="serve")
+            .map(self._enter_batch, name="lock")
+            .update(self.model.update, name="svd", **bindings)
+            .checkpoint(
+                cfg.path("checkpoint.path"),
+                every_rows=cfg["checkpoint.every_rows"],
+                every_seconds=float(cfg["checkpoint.every_seconds"]),
+                keep=cfg["checkpoint.keep"],
+            )
+            .on_error(cfg["errors.policy"], sink=_dead_letter_sink(cfg))
+        )
+        self.writer = SnapshotWriter(cfg.path("snapshots.path"), keep=cfg["snapshots.keep"])
+        self._snapshot: Snapshot | None = None
+        self._version = max(self.writer.versions(), default=0)
+        self._published_events = -1
+        self._stop = threading.Event()
+        self._rate: deque[tuple[float, int]] = deque(maxlen=600)
+        self._last_checkpoint = time.time()
+        self._seen_checkpoints = 0
+        self.registry = make_registry(self._metric_values)
+        self.http = ApiServer(
+            cfg["http.host"],
+            cfg["http.port"],
+            current=lambda: self._snapshot,
+            health=self._health,
+            metrics=lambda: render(self.registry),
+        )
+
+    # -- lifecycle --------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish the batch in hand, checkpoint, publish and return from :meth:`run`."""
+        self._stop.set()
+        self.pipeline.stop()
+        if not getattr(self.source, "bounded", True):
+            self.source.close()  # ends a follow/poll wait; the position stays valid
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def run(self) -> int:
+        self._install_signals()
+        if self.pipeline.restore() is not None:
+            self.publish()  # serve the restored embeddings before any new event
+        self.http.start()
+        host, port = self.http.address
+        log.info("serving on http://%s:%d", host, port)
+        print(f"streamfact serve: listening on http://{host}:{port}", flush=True)
+        publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
+        publisher.start()
+        try:
+            for _ in self.pipeline:
+                self._leave_batch()
+                self._note_progress()
+            self._note_progress()
+        finally:
+            self._leave_batch()
+            self._stop.set()
+            publisher.join(timeout=30)
+            self.publish()
+            self.http.stop()
+            self.pipeline.close()
+        print(
+            f"streamfact serve: stopped after {self.pipeline.counters.rows_in} events", flush=True
+        )
+        return 0
+
+    def _enter_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        self._lock.acquire()
+        self._holding = True
+        return batch
+
+    def _leave_batch(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._lock.release()
+
+    def _note_progress(self) -> None:
+        counters = self.pipeline.counters
+        self._rate.append((time.monotonic(), counters.rows_in))
+        if counters.checkpoints != self._seen_checkpoints:
+            self._seen_checkpoints = counters.checkpoints
+            self._last_checkpoint = time.time()
+
+    # -- publishing -------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        every = float(self.cfg["snapshots.every_seconds"])
+        while not self._stop.wait(max(every, 0.05)):
+            try:
+                self.publish()
+            except Exception:  # a failed publish must not stop the updates
+                log.exception("publishing a snapshot failed")
+
+    def publish(self) -> Snapshot | None:
+        """Publish the model as a new snapshot version if it changed."""
+        with self._lock:
+            events = self.model.events_seen_
+            if events == self._published_events or not self.model.svd.initialized:
+                return self._snapshot
+            self._version += 1
+            snap = Snapshot.build(
+                self._version,
+                events,
+                self.model.svd.s,
+                self.model.rows.keys,
+                self.model.row_embeddings(),
+                self.model.cols.keys,
+                self.model.column_embeddings(),
+                self.model.key_kind,
+            )
+            self._published_events = events
+        self.writer.write(snap)
+        self._snapshot = snap  # one reference swap: readers see old or new, never a mix
+        return snap
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    # -- observability ----------------------------------------------------------
+    def _events_per_second(self) -> float:
+        if len(self._rate) < 2:
+            return 0.0
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._rate if now - t <= 60.0] or list(self._rate)[-2:]
+        (t0, n0), (t1, n1) = recent[0], self._rate[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def _metric_values(self) -> dict[str, Any]:
+        counters = self.pipeline.counters
+        svd = self.model.svd
+        orth = svd.orthogonality_loss() if svd.initialized else (0.0, 0.0)
+        lag_fn = getattr(self.source, "lag", None)
+        lag: dict[Any, float] = {}
+        if callable(lag_fn):
+            try:
+                lag = {k: float(v) for k, v in lag_fn().items()}
+            except Exception:
+                log.debug("lag query failed", exc_info=True)
+        snap = self._snapshot
+        return {
+            "events": counters.rows_in - counters.rows_rejected,
+            "rejected": counters.rows_rejected,
+            "rate": self._events_per_second(),
+            "lag": lag,
+            "checkpoint_age": time.time() - self._last_checkpoint,
+            "orthogonality": (float(orth[0]), float(orth[1])),
+            "rank": int(np.asarray(svd.s).size) if svd.initialized else 0,
+            "keys": self.model.shape,
+            "snapshot": snap.version if snap is not None else 0,
+        }
+
+    def _health(self) -> dict[str, Any]:
+        snap = self._snapshot
+        counters = self.pipeline.counters
+        return {
+            "status": "ok",
+            "events_in": counters.rows_in,
+            "rejected": counters.rows_rejected,
+            "snapshot": snap.version if snap is not None else None,
+            "resumed_from_checkpoint": self.pipeline.resumed_from,
+        }
