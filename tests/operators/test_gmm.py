@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,8 +185,7 @@ def test_matches_covariance_form_oracle_with_creation_and_pruning() -> None:
     n = 600
     X = centers[rng.integers(0, 3, n)] + rng.standard_normal((n, d))
     X[rng.choice(n, 6, replace=False)] += 60.0  # outliers: created, later pruned
-    kw = dict(sigma_ini=2.0, beta=1e-3, v_min=100, sp_min=5.0, resync_every=50)
-    gmm = IncrementalGMM(d, **kw)
+    gmm = IncrementalGMM(d, sigma_ini=2.0, beta=1e-3, v_min=100, sp_min=5.0, resync_every=50)
     oracle = CovarianceIGMN(d, np.full(d, 4.0), chi2.isf(1e-3, d), d + 1.0, 100, 5.0)
     for a in range(0, n, 50):
         gmm.update(X[a : a + 50])
@@ -386,7 +386,7 @@ def _roundtrip(st: OperatorState) -> OperatorState:
     [dict(update_rule="exact"), dict(update_rule="paper"),
      dict(mode="minibatch", batch_size=300), dict(sigma_ini=np.array([1.0, 2.0, 1.0, 1.0, 3.0]))],
 )
-def test_checkpoint_resume_is_bit_identical(kw) -> None:
+def test_checkpoint_resume_is_bit_identical(kw: dict[str, Any]) -> None:
     w, mu, covs, rng = make_mixture(5, 3, 12.0, seed=10)
     X = sample(w, mu, covs, 3000, rng)
     straight = IncrementalGMM(5, warmup=100, resync_every=64, **kw)
@@ -426,6 +426,7 @@ def test_warmup_buffer_and_finish() -> None:
     with pytest.raises(InvalidInputError, match="warm-up"):
         gmm.score_samples(X)
     gmm.finish_warmup()
+    assert gmm.sigma_ini_ is not None
     np.testing.assert_allclose(gmm.sigma_ini_, X.std(axis=0), rtol=1e-6)
     assert gmm.n_seen == 30 and gmm.n_components >= 1
 
@@ -487,7 +488,7 @@ def test_bad_input_leaves_state_unchanged() -> None:
     bad[4, 2] = np.inf
     with pytest.raises(InvalidInputError) as err:
         gmm.update(bad)
-    assert err.value.rows.tolist() == [4]
+    assert err.value.rows is not None and err.value.rows.tolist() == [4]
     with pytest.raises(InvalidInputError):
         gmm.update_batch(np.zeros((3, 5)))
     after = gmm.state()
