@@ -13,7 +13,14 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["classify_rows", "oja_csr", "oja_dense", "row_sqnorms_csr", "row_sqnorms_dense"]
+__all__ = [
+    "classify_rows",
+    "oja_csr",
+    "oja_dense",
+    "row_sqnorms_csr",
+    "row_sqnorms_dense",
+    "row_stats_dense",
+]
 
 
 @numba.njit(cache=True)
@@ -215,3 +222,28 @@ def classify_rows(
     scal[3] = s_light
     scal[4] = s_heavy
     return i
+
+
+@numba.njit(cache=True)
+def row_stats_dense(
+    x: np.ndarray, g: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """One pass over the rows: ‖a‖² and (gₖᵀa)² for the columns of ``g`` (d×m)."""
+    n, d = x.shape
+    m = g.shape[1]
+    norms2 = np.empty(n, dtype=np.float64)
+    probes2 = np.empty((n, m), dtype=np.float64)
+    acc = np.empty(m, dtype=np.float64)
+    for i in range(n):
+        s = 0.0
+        for k in range(m):
+            acc[k] = 0.0
+        for j in range(d):
+            xij = float(x[i, j])
+            s += xij * xij
+            for k in range(m):
+                acc[k] += xij * g[j, k]
+        norms2[i] = s
+        for k in range(m):
+            probes2[i, k] = acc[k] * acc[k]
+    return norms2, probes2

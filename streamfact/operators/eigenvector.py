@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from streamfact.kernels.backend import resolve_backend, to_numpy
-from streamfact.kernels.eigen_numba import classify_rows, row_sqnorms_csr, row_sqnorms_dense
+from streamfact.kernels.eigen_numba import classify_rows, row_sqnorms_csr, row_stats_dense
 from streamfact.operators.base import (
     ConformanceSpec,
     NotMergeableError,
@@ -278,9 +278,9 @@ class TopEigenvector(Operator):
             norms2 = row_sqnorms_csr(csr.indptr, csr.data)
             probes2 = np.asarray(csr @ _probe_matrix(self.dim, self.seed)) ** 2
         else:
-            dense = np.ascontiguousarray(arr)
-            norms2 = row_sqnorms_dense(dense)
-            probes2 = (dense.astype(np.float64) @ _probe_matrix(self.dim, self.seed)) ** 2
+            norms2, probes2 = row_stats_dense(
+                np.ascontiguousarray(arr), _probe_matrix(self.dim, self.seed)
+            )
         flags = np.full(n, 2, dtype=np.int8)
         pos = 0
         while pos < n:
@@ -307,14 +307,17 @@ class TopEigenvector(Operator):
 
     def _absorb(self, arr: Any, flags: np.ndarray, lo: int, hi: int) -> None:
         seg = flags[lo:hi]
-        light = np.flatnonzero(seg == 0) + lo
         heavy = np.flatnonzero(seg == 1) + lo
-        if light.size:
-            self.Y_ += self._gram_times(arr[light], self.Z_)
-        for i in heavy:
-            row = arr[i : i + 1]
-            dense = np.asarray(row.toarray() if sp.issparse(row) else row, dtype=self.dtype)
-            self._add_heavy(dense)
+        # Light rows come in long contiguous runs between the rare heavy or zero
+        # rows: multiply slices (views) rather than copying the rows out.
+        is_light = np.concatenate([[False], seg == 0, [False]])
+        edges = np.flatnonzero(np.diff(is_light.astype(np.int8)))
+        for start, stop in zip(edges[0::2], edges[1::2], strict=True):
+            self.Y_ += self._gram_times(arr[lo + start : lo + stop], self.Z_)
+        if heavy.size:
+            picked = arr[heavy]
+            dense = picked.toarray() if sp.issparse(picked) else picked
+            self._add_heavy(np.asarray(dense, dtype=self.dtype))
 
     def _gram_times(self, x: Any, z: np.ndarray) -> np.ndarray:
         """``xᵀ(x z)`` on the configured device."""
@@ -325,22 +328,20 @@ class TopEigenvector(Operator):
             return to_numpy(xt.T @ (xt @ zt)).astype(self.dtype)
         return np.asarray(x.T @ (x @ z), dtype=self.dtype)
 
-    def _add_heavy(self, row: np.ndarray) -> None:
-        self.heavy_seen_ += 1
-        if self.heavy_fd_ is not None:
-            self.heavy_fd_.update(row)
+    def _add_heavy(self, rows: np.ndarray) -> None:
+        """Store heavy rows (already validated, nonzero), in stream order."""
+        self.heavy_seen_ += rows.shape[0]
+        if self.heavy_fd_ is None and self.H_.shape[0] + rows.shape[0] <= self.heavy_budget:
+            self.H_ = np.vstack([self.H_, rows])
             return
-        if self.H_.shape[0] + 1 > self.heavy_budget:
-            fd = FrequentDirections(
+        if self.heavy_fd_ is None:
+            # Past the budget: the heavy store becomes a Frequent Directions sketch.
+            self.heavy_fd_ = FrequentDirections(
                 self.dim, self.sketch_size, dtype=self.dtype, device=self.device
             )
-            if self.H_.shape[0]:
-                fd.update(self.H_)
-            fd.update(row)
-            self.heavy_fd_ = fd
+            rows = np.vstack([self.H_, rows])
             self.H_ = np.zeros((0, self.dim), dtype=self.dtype)
-            return
-        self.H_ = np.vstack([self.H_, row])
+        self.heavy_fd_._insert(rows)
 
     # -- block transitions ------------------------------------------------------
     def _light_scale(self) -> float:
@@ -522,8 +523,11 @@ class TopEigenvector(Operator):
     @property
     def state_size(self) -> int:
         """Floats held in the state arrays (measured from the arrays)."""
-        st = self.state()
-        return int(sum(a.size for k, a in st.arrays.items() if a.dtype.kind == "f"))
+        held = self.Z_.size + self.Y_.size + self.H_.size
+        for fd in (self.heavy_fd_, self.fd_):
+            if fd is not None:
+                held += fd.buffer_.size
+        return int(held)
 
     def transform(self, rows: Any) -> np.ndarray:
         """Scores ``rows · v`` on the current estimate (b,)."""
