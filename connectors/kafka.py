@@ -672,17 +672,31 @@ class KafkaSource:
     def lag(self) -> dict[int, int]:
         """Messages left per owned partition: high watermark minus position.
 
-        Uses the high watermarks of the latest fetch responses, refreshed by the
-        iterating thread at most every ``poll_timeout`` seconds; safe to call from
-        another thread (an HTTP ``/metrics`` handler) while iterating. A
-        partition whose watermark is not known yet is left out.
+        High watermarks come from the latest fetch responses (exact and free),
+        and from a ListOffsets request for partitions not fetched yet. Safe to
+        call from another thread (an HTTP ``/metrics`` handler) while the
+        source is iterating: it then uses the watermarks the iterating thread
+        recorded at its last ``consume`` and leaves out partitions not fetched
+        yet.
         """
         offsets = dict(self._offsets)
         high = dict(self._high)
-        if not self._iterating:
-            with self._lock:
-                if self._consumer is not None:
-                    high = self._refresh_high(self._consumer)
+        # A consumer call from a second thread blocks while consume() runs: only
+        # talk to the consumer when nobody else is.
+        if self._lock.acquire(blocking=False):
+            try:
+                consumer = self._consumer
+                if consumer is not None and self._opened:
+                    high = self._refresh_high(consumer)
+                    unknown = [p for p in offsets if p not in high]
+                    if unknown:
+                        ck = _load_kafka()
+                        try:
+                            high.update(self._high_watermarks(consumer, unknown))
+                        except ck.KafkaException as exc:
+                            log.warning("KafkaSource %r: watermarks: %s", self.topic, exc)
+            finally:
+                self._lock.release()
         return {p: max(high[p] - o, 0) for p, o in sorted(offsets.items()) if p in high}
 
     def metrics(self) -> dict[str, int]:

@@ -53,12 +53,19 @@ FAST = {"poll_timeout": 0.1}
 
 
 def produce(broker: Any, topic: str, values: list[bytes], *, partition: int | None = None,
-            keys: list[bytes] | None = None) -> None:
-    """Produce ``values`` (batched by the client, as a real producer would) and wait."""
-    producer = broker.producer(**{"linger.ms": 20})
+            keys: list[bytes] | None = None, one_by_one: bool = False) -> None:
+    """Produce ``values`` (batched by the client, as a real producer would) and wait.
+
+    ``one_by_one`` sends each message in its own request, so that Tansu's
+    ListOffsets (which counts record batches, not records) reports the true
+    high watermark before anything was fetched.
+    """
+    producer = broker.producer(**{"linger.ms": 0 if one_by_one else 20})
     extra = {} if partition is None else {"partition": partition}
     for i, value in enumerate(values):
         producer.produce(topic, value=value, key=None if keys is None else keys[i], **extra)
+        if one_by_one:
+            producer.flush(30)
     assert producer.flush(30) == 0
 
 
@@ -233,7 +240,8 @@ def test_seek_resumes_exactly_across_partitions(kafka_broker: Any) -> None:
 def test_commit_shows_in_group_and_seek_wins_over_it(kafka_broker: Any) -> None:
     topic = kafka_broker.create_topic(partitions=2)
     n = 200
-    produce(kafka_broker, topic, encode_json(pa.record_batch({"id": list(range(n))})))
+    produce(kafka_broker, topic, encode_json(pa.record_batch({"id": list(range(n))})),
+            one_by_one=True)
     group = kafka_broker.unique_topic("group")
     schema = pa.schema([("id", pa.int64())])
     src = KafkaSource(topic, kafka_broker.bootstrap, format="json", schema=schema,
@@ -246,7 +254,8 @@ def test_commit_shows_in_group_and_seek_wins_over_it(kafka_broker: Any) -> None:
     src.close()
     offsets = {int(p): o for p, o in position["partitions"].items()}
     assert sum(offsets.values()) == sum(b.num_rows for b in first) == 100
-    # Lag is what is left of each partition.
+    # Lag is what is left of each partition (fetched or not yet).
+    assert lag.keys() == {0, 1}
     assert sum(lag.values()) == n - 100
 
     # What a lag tool sees: the group's committed offsets.
@@ -538,3 +547,54 @@ def test_sink_arrow_key_runs(kafka_broker: Any) -> None:
         assert keys == {m.key().decode()}
         by_key.setdefault(m.key(), []).append(m.partition())
     assert {k: len(set(p)) for k, p in by_key.items()} == {b"a": 1, b"b": 1}
+
+
+# -- with the pipeline ---------------------------------------------------------------------------
+
+def test_pipeline_checkpoint_resume_and_group_commit(kafka_broker: Any, tmp_path: Path) -> None:
+    import streamfact as sf
+
+    topic = kafka_broker.create_topic(partitions=3)
+    rng = np.random.default_rng(3)
+    n, d = 3000, 4
+    x = rng.standard_normal((n, d)) * np.arange(1, d + 1) + 2.0
+    values = [
+        encode_arrow(pa.record_batch({
+            "id": pa.array(np.arange(i, i + 50)),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x[i:i + 50].reshape(-1)), d),
+        }))
+        for i in range(0, n, 50)
+    ]
+    produce(kafka_broker, topic, values)
+    group = kafka_broker.unique_topic("pipeline")
+
+    def build() -> tuple[Any, KafkaSource, Any]:
+        moments = sf.RunningMoments(d)
+        src = KafkaSource(topic, kafka_broker.bootstrap, format="arrow", group=group,
+                          partitions=[0, 1, 2], batch_size=3, stop_at_end=True, **FAST)
+        pipe = (sf.Pipeline(src, progress=False)
+                .update(moments.update, X=sf.dense("x"))
+                .checkpoint(tmp_path / "ckpt", every_rows=400))
+        return moments, src, pipe
+
+    # First run: dies (no final checkpoint) after about half the rows.
+    _, src, pipe = build()
+    done = 0
+    for out in pipe:
+        done += out.num_rows
+        if done >= 1500:
+            break
+    src.close()  # what a crash leaves: the rows after the last checkpoint are lost
+    # Second run resumes from the checkpoint: every row counted exactly once.
+    moments, src, pipe = build()
+    pipe.run()
+    assert pipe.resumed_from is not None
+    assert moments.count == n
+    # Welford updates in float64 against numpy's two-pass mean: rounding only.
+    np.testing.assert_allclose(moments.mean, x.mean(axis=0), rtol=1e-12)
+    # Each checkpoint committed its offsets: the group has the final position.
+    probe = kafka_broker.consumer(group)
+    committed = probe.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
+    probe.close()
+    assert {str(tp.partition): tp.offset for tp in committed} == src.position()["partitions"]
+    assert sum(tp.offset for tp in committed) == len(values)
