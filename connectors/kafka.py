@@ -940,8 +940,10 @@ class KafkaSource:
         self, ck: Any, msgs: list[Any]
     ) -> tuple[pa.RecordBatch | None, dict[int, int], KafkaDecodeError | None] | None:
         accepted: list[Any] = []
+        values: list[bytes | None] = []
         nxt: dict[int, int] = {}
-        for m in msgs:
+        start = self._offsets
+        for m in msgs:  # the hot loop: one pass, no per-message allocation beyond the lists
             err = m.error()
             if err is not None:
                 if err.code() == ck.KafkaError._PARTITION_EOF:
@@ -950,18 +952,21 @@ class KafkaSource:
                     raise ck.KafkaException(err)
                 log.warning("KafkaSource %r: %s", self.topic, err)
                 continue
-            if m.topic() != self.topic:
-                continue
-            p, off = m.partition(), m.offset()
-            expected = nxt.get(p, self._offsets.get(p))
-            if expected is None or off < expected:
-                continue  # revoked meanwhile, or a replay after re-assignment
+            p = m.partition()
+            off = m.offset()
+            expected = nxt.get(p)
+            if expected is None:
+                expected = start.get(p)
+                if expected is None:
+                    continue  # revoked meanwhile
+            if off < expected:
+                continue  # a replay after re-assignment
             accepted.append(m)
+            values.append(m.value())
             nxt[p] = off + 1
         if not accepted:
             return None
         self.messages += len(accepted)
-        values = [m.value() for m in accepted]
         batch, rows, bad = self._decoder.decode(values)
         error: KafkaDecodeError | None = None
         if bad:
