@@ -565,6 +565,8 @@ class KafkaSource:
         self._high_time = 0.0
         self._closing = False
         self._closed = False
+        self._close_pending = False
+        self._busy_thread: int | None = None
         self._iterating = False
         self._callback_error: BaseException | None = None
         self._stop = threading.Event()
@@ -622,6 +624,11 @@ class KafkaSource:
         """Stop iterating (within ``poll_timeout`` when called from another thread) and close
         the consumer and the dead-letter producer; idempotent."""
         self._stop.set()
+        if self._busy_thread == threading.get_ident():
+            # Called from a signal handler or a rebalance callback in the middle of a
+            # consume: the iteration closes everything when it unwinds.
+            self._close_pending = True
+            return
         with self._lock:
             if self._closed:
                 return
@@ -787,8 +794,7 @@ class KafkaSource:
                     except ck.KafkaException as exc:
                         log.warning("KafkaSource %r: seek of partition %d failed: %s",
                                     self.topic, p, exc)
-            self._opened = True
-            return
+            return  # _on_assign sets the offsets (until then position() is the seek's)
         if self._opened:
             # A later batches() call resumes exactly at the position (the consumer may
             # have fetched past it, e.g. before a KafkaDecodeError).
@@ -832,6 +838,7 @@ class KafkaSource:
                 starts[p] = max(candidates) if candidates else 0
             consumer.assign([ck.TopicPartition(self.topic, p, o) for p, o in starts.items()])
             self._offsets = dict(starts)
+            self._opened = True
             log.info("KafkaSource %r: assigned %s", self.topic, starts)
         except BaseException as exc:
             self._callback_error = exc
@@ -878,7 +885,7 @@ class KafkaSource:
         for p, end in self._end.items():
             if self._offsets.get(p, 0) < end:
                 return False
-            if p in self._end_checked:
+            if p in self._end_checked or end == 0:  # 0: no record batch at all at the start
                 continue
             # Some brokers (Tansu) under-report ListOffsets for batched produce; the
             # watermark from a fetch response is exact, so confirm with it once.
@@ -901,22 +908,22 @@ class KafkaSource:
             with self._lock:
                 if self._closed:
                     return
-                self._open()
+                self._busy_thread = threading.get_ident()
+                try:
+                    self._open()
+                finally:
+                    self._busy_thread = None
             last_message = time.monotonic()
             while not self._stop.is_set():
                 with self._lock:
-                    consumer = self._consumer
-                    if consumer is None:
-                        return
-                    if self.stop_at_end and self._at_end(consumer):
-                        return
-                    msgs = consumer.consume(self.batch_size, self.poll_timeout)
-                    if time.monotonic() - self._high_time >= self.poll_timeout:
-                        self._refresh_high(consumer)
-                    if self._callback_error is not None:
-                        exc, self._callback_error = self._callback_error, None
-                        raise exc
-                    result = self._handle(ck, msgs) if msgs else None
+                    self._busy_thread = threading.get_ident()
+                    try:
+                        step = self._step(ck)
+                    finally:
+                        self._busy_thread = None
+                if step is None:
+                    return
+                msgs, result = step
                 if msgs:
                     last_message = time.monotonic()
                 elif (self.stop_after_idle is not None
@@ -935,6 +942,23 @@ class KafkaSource:
                     raise error
         finally:
             self._iterating = False
+            if self._close_pending:
+                self.close()
+
+    def _step(self, ck: Any) -> tuple[list[Any], Any] | None:
+        """One consume call and its decoding; None when the iteration is over."""
+        consumer = self._consumer
+        if consumer is None or self._close_pending:
+            return None
+        if self.stop_at_end and self._at_end(consumer):
+            return None
+        msgs = consumer.consume(self.batch_size, self.poll_timeout)
+        if time.monotonic() - self._high_time >= self.poll_timeout:
+            self._refresh_high(consumer)
+        if self._callback_error is not None:
+            exc, self._callback_error = self._callback_error, None
+            raise exc
+        return msgs, (self._handle(ck, msgs) if msgs else None)
 
     def _handle(
         self, ck: Any, msgs: list[Any]

@@ -109,6 +109,12 @@ def test_protocols_and_lazy_open() -> None:
         KafkaSource("t", "127.0.0.1:9", group="g", stop_at_end=True)
     with pytest.raises(ValueError, match="group.id"):
         KafkaSource("t", "127.0.0.1:9", config={"group.id": "x"})
+    # A checkpointed position survives until partitions are actually assigned.
+    grouped = KafkaSource("t", "127.0.0.1:9", group="g")
+    assert grouped.subscribe
+    grouped.seek({"topic": "t", "partitions": {"0": 5, "1": 7}})
+    assert grouped.position() == {"topic": "t", "partitions": {"0": 5, "1": 7}}
+    grouped.close()
 
 
 def test_arrow_sink_to_source_round_trip(kafka_broker: Any) -> None:
@@ -525,6 +531,24 @@ def test_close_from_another_thread_and_no_threads_left(kafka_broker: Any) -> Non
     while _os_threads() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _os_threads() <= before
+
+
+def test_close_inside_the_iteration_is_deferred(kafka_broker: Any) -> None:
+    # As from a signal handler or a callback running inside consume(): the consumer is
+    # closed when the iteration unwinds, not underneath it.
+    topic = corrupt_topic(kafka_broker)
+    holder: dict[str, KafkaSource] = {}
+
+    def close_now(rejection: Any) -> None:
+        holder["src"].close()
+
+    src = holder["src"] = KafkaSource(topic, kafka_broker.bootstrap, format="json",
+                                      schema=SCHEMA, on_decode_error=close_now, **FAST)
+    ids = ids_of(list(src.batches()))  # a following source: ends only because of close()
+    assert ids and ids == list(range(len(ids)))  # the batch in hand was still delivered
+    assert src._consumer is None and src._closed
+    with pytest.raises(RuntimeError, match="after close"):
+        src.batches()
 
 
 def test_sink_arrow_key_runs(kafka_broker: Any) -> None:
