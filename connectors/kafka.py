@@ -723,6 +723,25 @@ class KafkaSource:
             out.append(self.rejected.popleft())
         return out
 
+    def drain_rejected_batch(self) -> pa.RecordBatch:
+        """:meth:`drain_rejected` as a record batch, e.g. for a dead-letter sink.
+
+        Columns: ``_topic`` (string), ``_partition`` (int32), ``_offset`` (int64),
+        ``_reason`` (string), ``_key`` and ``_value`` (binary, the raw message).
+        """
+        rejected = self.drain_rejected()
+        return pa.RecordBatch.from_arrays(
+            [
+                pa.array([r.topic for r in rejected], type=pa.string()),
+                pa.array([r.partition for r in rejected], type=pa.int32()),
+                pa.array([r.offset for r in rejected], type=pa.int64()),
+                pa.array([r.reason for r in rejected], type=pa.string()),
+                pa.array([r.key for r in rejected], type=pa.binary()),
+                pa.array([r.value for r in rejected], type=pa.binary()),
+            ],
+            names=["_topic", "_partition", "_offset", "_reason", "_key", "_value"],
+        )
+
     def __repr__(self) -> str:
         mode = "subscribe" if self.subscribe else "assign"
         return (f"KafkaSource({self.topic!r}, format={self.format!r}, {mode}, "

@@ -333,6 +333,7 @@ def test_undecodable_skip_keeps_every_good_row(kafka_broker: Any) -> None:
     assert "invalid JSON" in rejected[0].reason and rejected[0].value == b"\x00not json"
     assert "'id'" in rejected[1].reason
     assert src.rejected == type(src.rejected)()  # drained
+    assert src.drain_rejected_batch().num_rows == 0
     assert src.position()["partitions"] == {"0": 12}
 
 
@@ -346,6 +347,9 @@ def test_undecodable_dead_letter(kafka_broker: Any) -> None:
     got = read_all(src)
     assert got["id"].to_pylist() == list(range(10))
     assert src.dead_lettered == 2 and len(src.rejected) == 2
+    table = src.drain_rejected_batch()
+    assert table["_offset"].to_pylist() == list(BAD_AT)
+    assert table["_value"][0].as_py() == b"\x00not json"
     # The dead-letter topic holds the raw messages with where they came from and why.
     consumer = kafka_broker.consumer(kafka_broker.unique_topic("dlq"))
     consumer.assign([TopicPartition(dlq, 0, 0)])
