@@ -140,6 +140,11 @@ class ConformanceSpec:
         Devices to compare, e.g. ``("cpu", "torch")``; the first is the reference.
     backend_rtol / float32_rtol:
         Relative tolerances of the torch backend and of float32 against float64.
+    mergeable / merge_exact / merge_reason:
+        Whether ``merge`` exists; whether merging two halves must equal the
+        whole stream (within ``split_tolerance``) or is approximate by nature,
+        in which case ``merge_reason`` says why and the operator's own tests
+        hold it to an accuracy bound.
     """
 
     make: Callable[..., Operator]
@@ -158,6 +163,8 @@ class ConformanceSpec:
     float32_rtol: float = 1e-3
     dtypes: tuple[str, ...] = ("float64", "float32")
     mergeable: bool = False
+    merge_exact: bool = True
+    merge_reason: str = ""
 
 
 class Operator:

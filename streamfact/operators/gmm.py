@@ -910,4 +910,6 @@ class IncrementalGMM(Operator):
             backend_rtol=1e-10,
             float32_rtol=1e-3,
             mergeable=True,
+            merge_exact=False,
+            merge_reason="components are combined by moment matching of near-duplicates",
         )

@@ -49,6 +49,7 @@ KEYS: tuple[Key, ...] = (
     Key("source.bootstrap", str, "", "Kafka bootstrap servers, e.g. 127.0.0.1:9092"),
     Key("source.group", str, "", "Kafka consumer group (offsets are committed after checkpoints)"),
     Key("source.format", str, "arrow", "Kafka message format", ("arrow", "json")),
+    Key("source.partitions", list, [], "Kafka partitions to assign (empty = all, or group mode)"),
     Key("events.kind", str, "edges", "event schema", ("edges", "interactions")),
     Key("events.row", str, "", "row-key column (default: src for edges, user for interactions)"),
     Key(

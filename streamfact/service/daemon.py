@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,23 +44,37 @@ __all__ = ["EmbeddingDaemon", "make_source"]
 log = logging.getLogger("streamfact.serve")
 
 
-def make_source(cfg: ServeConfig) -> Source:
-    """The configured source (connectors are imported here, at the edge)."""
+def make_source(cfg: ServeConfig, on_decode_error: Callable[[Any], None] | None = None) -> Source:
+    """The configured source (connectors are imported here, at the edge).
+
+    ``on_decode_error`` receives Kafka messages that cannot be decoded when
+    the error policy is ``dead_letter``; under ``skip`` they are counted and
+    dropped, under ``raise`` they stop the daemon.
+    """
+    idle = float(cfg["source.stop_after_idle"])
     if cfg["source.kind"] == "kafka":
         from streamfact.connectors.kafka import KafkaSource
 
+        policy = cfg["errors.policy"]
         return KafkaSource(
             cfg["source.topic"],
             cfg["source.bootstrap"],
+            partitions=[int(p) for p in cfg["source.partitions"]] or None,
             group=cfg["source.group"] or None,
             format=cfg["source.format"],
             batch_size=cfg["source.batch_size"],
+            stop_after_idle=idle if idle > 0 else None,
+            on_decode_error=on_decode_error
+            if policy == "dead_letter" and on_decode_error
+            else ("skip" if policy != "raise" else "raise"),
         )
     from streamfact.connectors import ParquetSource
 
-    idle = float(cfg["source.stop_after_idle"])
+    folder = cfg.source_path
+    if not folder.exists():
+        raise FileNotFoundError(f"source.path {folder} does not exist")
     return ParquetSource(
-        cfg.source_path,
+        folder,
         batch_size=cfg["source.batch_size"],
         follow=cfg["source.follow"],
         poll_interval=float(cfg["source.poll_interval"]),
@@ -88,7 +103,8 @@ class EmbeddingDaemon:
             dtype=cfg["model.dtype"],
             device=cfg["model.device"],
         )
-        self.source = source if source is not None else make_source(cfg)
+        self._dead_letters = _dead_letter_sink(cfg)
+        self.source = source if source is not None else make_source(cfg, self._dead_letter)
         bindings: dict[str, Any] = {
             "rows": sf.keys(cfg.row_column),
             "cols": sf.keys(cfg.col_column),
@@ -109,8 +125,11 @@ class EmbeddingDaemon:
                 every_seconds=float(cfg["checkpoint.every_seconds"]),
                 keep=cfg["checkpoint.keep"],
             )
-            .on_error(cfg["errors.policy"], sink=_dead_letter_sink(cfg))
+            .on_error(cfg["errors.policy"], sink=self._dead_letters)
         )
+        if hasattr(self.source, "on_revoke"):
+            # Kafka group rebalance: make the position durable before letting go.
+            self.source.on_revoke = lambda partitions: self.pipeline.checkpoint_now()
         self.writer = SnapshotWriter(cfg.path("snapshots.path"), keep=cfg["snapshots.keep"])
         self._snapshot: Snapshot | None = None
         self._version = max(self.writer.versions(), default=0)
@@ -168,6 +187,27 @@ class EmbeddingDaemon:
             f"streamfact serve: stopped after {self.pipeline.counters.rows_in} events", flush=True
         )
         return 0
+
+    def _dead_letter(self, message: Any) -> None:
+        """An undecodable source message, written with its partition and offset."""
+        if self._dead_letters is None:
+            return
+        row = pa.RecordBatch.from_pydict(
+            {
+                "_stage": ["decode"],
+                "_column": [""],
+                "_row": pa.array([-1], type=pa.int64()),
+                "_reason": [
+                    f"partition {message.partition} offset {message.offset}: {message.reason}"
+                ],
+                "_value": pa.array([message.value], type=pa.binary()),
+            }
+        )
+        self._dead_letters.write(row)
+
+    def _decode_errors(self) -> int:
+        metrics = getattr(self.source, "metrics", None)
+        return int(metrics().get("decode_errors", 0)) if callable(metrics) else 0
 
     def _enter_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         self._lock.acquire()
@@ -244,7 +284,7 @@ class EmbeddingDaemon:
         snap = self._snapshot
         return {
             "events": counters.rows_in - counters.rows_rejected,
-            "rejected": counters.rows_rejected,
+            "rejected": counters.rows_rejected + self._decode_errors(),
             "rate": self._events_per_second(),
             "lag": lag,
             "checkpoint_age": time.time() - self._last_checkpoint,
@@ -260,7 +300,7 @@ class EmbeddingDaemon:
         return {
             "status": "ok",
             "events_in": counters.rows_in,
-            "rejected": counters.rows_rejected,
+            "rejected": counters.rows_rejected + self._decode_errors(),
             "snapshot": snap.version if snap is not None else None,
             "resumed_from_checkpoint": self.pipeline.resumed_from,
         }

@@ -290,6 +290,11 @@ def check_merge(cls: type[Operator]) -> None:
     _feed_in_chunks(spec, a, _rows(data, 0, n // 2), [])
     _feed_in_chunks(spec, b, _rows(data, n // 2, n), [])
     merged = a.merge(b)
+    assert type(merged) is cls, f"{cls.__name__}.merge returned {type(merged).__name__}"
+    if not spec.merge_exact:
+        assert spec.merge_reason, f"{cls.__name__}: an approximate merge must say why"
+        assert np.isfinite(_probe(spec, merged)).all()
+        return
     tol = spec.split_tolerance if spec.split_tolerance is not None else 1e-8
     err = _rel_err(_probe(spec, merged), _probe(spec, whole))
     assert err <= max(tol, 1e-12), f"{cls.__name__}: merge differs from the whole by {err:.3g}"
