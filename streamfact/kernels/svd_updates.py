@@ -17,14 +17,22 @@ import scipy.sparse as sp
 
 from streamfact.kernels.orthogonalize import Basis, LinAlg
 
-__all__ = ["ZSpace", "core_append", "core_low_rank", "truncated_core_svd", "z_space"]
+__all__ = [
+    "OneSidedStep",
+    "ZSpace",
+    "core_append",
+    "core_low_rank",
+    "one_sided_update",
+    "truncated_core_svd",
+    "z_space",
+]
 
 
 def core_append(s: np.ndarray, c: np.ndarray, r: np.ndarray) -> np.ndarray:
     """The (r+p)×(r+q) core of an append (Zha & Simon 1999, eq. for [A; E])::
 
-        M = [ diag(s)   0  ]
-            [   Cᵀ      Rᵀ ]
+    M = [ diag(s)   0  ]
+        [   Cᵀ      Rᵀ ]
     """
     k = s.shape[0]
     p = c.shape[1]
@@ -41,7 +49,7 @@ def core_low_rank(
 ) -> np.ndarray:
     """The core of ``A + Y Zᵀ`` (Brand 2006)::
 
-        M = [diag(s) 0; 0 0] + [Cy; Ry] [Cz; Rz]ᵀ
+    M = [diag(s) 0; 0 0] + [Cy; Ry] [Cz; Rz]ᵀ
     """
     k = s.shape[0]
     left = np.concatenate([cy, ry], axis=0)
@@ -128,3 +136,152 @@ def z_space(
         yz = np.concatenate([yu_d, np.zeros((r, yu_d.shape[1]), dtype=yu_d.dtype)], axis=0)
         c = wu.T @ yu_d
     return ZSpace(uid, wu, evecs, sqrt_lam, Basis(jz, None, la), yz, c)
+
+
+@dataclass
+class OneSidedStep:
+    """Result of :func:`one_sided_update`: the new factors as changes of the old.
+
+    With ``W_f`` the fully resolved side and ``W_s`` the sketched side (both
+    orthonormal, ``r`` columns), the updated factors are::
+
+        W_f' = W_f a_full + D̃,    D̃ = d_full placed on the touched rows of W_f
+        W_s' = W_s a_sketch + B̃,  B̃ = b_sketch placed on the touched rows of W_s
+
+    and the new singular values are ``theta``.
+    """
+
+    theta: np.ndarray  # (t,)
+    a_full: np.ndarray  # (r×t)
+    d_full: np.ndarray  # (u_f×t)
+    a_sketch: np.ndarray  # (r×t)
+    b_sketch: np.ndarray  # (u_s×t)
+    n_directions: int  # residual directions used on the sketched side
+    n_excluded: int  # directions of W_s (almost) inside the touched rows
+
+
+def _metric_orth(
+    b: np.ndarray, ws: np.ndarray, z_bad: np.ndarray, rel: float, passes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormalise the vectors ``x_i = b̃_i − W c_i`` (``c = W_sᵀ b``).
+
+    ``b`` lives on the touched rows (u×q) and ``ws = W[touched]``; because
+    ``c = Wᵀ b̃``, ``⟨x_i, x_j⟩ = b_iᵀ b_j − c_iᵀ c_j`` (Deng et al. 2024,
+    SV-LCOV) and Cholesky-QR in that metric needs no d-vector. Directions of
+    W that lie almost entirely on the touched rows (``z_bad``) are removed
+    first, so that ‖x‖² ≥ τ‖b‖² for every remaining b and the metric Gram is
+    accurate to ε/τ; ``passes = 2`` is Cholesky-QR2. Eigen-directions of the
+    Gram below ``rel`` times its largest eigenvalue are dropped.
+    """
+    if z_bad.shape[1]:
+        b = b - z_bad @ (z_bad.T @ b)
+    c = ws.T @ b
+    for _ in range(passes):
+        g = b.T @ b - c.T @ c
+        lam, w = np.linalg.eigh((g + g.T) / 2)
+        if lam.size == 0 or lam[-1] <= 0.0:
+            return b[:, :0], c[:, :0]
+        keep = lam > rel * lam[-1]
+        t = w[:, keep] / np.sqrt(lam[keep])
+        b = b @ t
+        c = c @ t
+    return b, c
+
+
+def one_sided_update(
+    s: np.ndarray,
+    wf: np.ndarray,
+    ws: np.ndarray,
+    e: sp.csr_array,
+    *,
+    rank: int,
+    n_directions: int,
+    power_iterations: int,
+    rtol: float,
+    tau: float,
+    rng: np.random.Generator,
+) -> OneSidedStep:
+    """Rank-``rank`` update of ``Â = W_f diag(s) W_sᵀ + E`` touching only rows of E.
+
+    ``E`` is given compactly (``e``: u_f×u_s, its nonzero rows × nonzero
+    columns), ``wf`` and ``ws`` are the rows of the two orthonormal factors
+    at those indices (zero rows for indices that are new).
+
+    Rayleigh–Ritz with the sketched-side space ``R = [W_s, Q]`` and the *full*
+    other side (the whole range of ``Â R``, which is what an exact row append
+    uses for its new rows)::
+
+        T = Â R = W_f [diag(s), 0] + Ẽ R,   TᵀT = G Θ² Gᵀ,
+        W_s' = R G_k,   W_f' = T G_k Θ_k⁻¹,   s' = θ_k.
+
+    ``Q`` (⟂ W_s) spans ``n_directions`` directions of the residual
+    ``X = (I − W_s W_sᵀ) Eᵀ`` found by a randomized range finder with
+    ``power_iterations`` power steps (Halko et al. 2011; Yamazaki et al.
+    2015), or all of range(X) when ``min(u_f, u_s) ≤ n_directions``; in both
+    cases X is applied in Deng et al.'s pair form ``x = b̃ − W_s c``, so no
+    vector of the full length is formed. The core is the (r+q)×(r+q) Gram TᵀT
+    (the QR-free form of the notes, §3.5), accumulated from
+    ``ER`` (u_f×(r+q)) and ``W_fᵀ ER``; its eigenvalues carry relative error
+    ~ε(θ_1/θ_i)².
+
+    The result is the exact top-``rank`` SVD of Â when Q spans range(X)
+    (l ≥ rank(X)) and no direction of W_s was excluded (those whose energy on
+    the touched rows exceeds ``1 − tau``: their residual cannot be represented
+    stably in pair form and is left out).
+
+    Cost O(nnz(E)(r + l)(t + 1) + (u_f + u_s)(r + l)² + (r + l)³), independent
+    of the dimensions of the matrix.
+    """
+    dtype = s.dtype
+    r = s.shape[0]
+    u_f, u_s = e.shape
+    ew = np.asarray(e @ ws)  # E W_s (u_f×r)
+    # Directions of W_s that (almost) live on the touched rows: σ²(W_s[uid]) > 1 − τ.
+    sig2, y = np.linalg.eigh(ws.T @ ws)
+    bad = sig2 > 1.0 - tau
+    if bad.any():
+        z_bad, _ = np.linalg.qr(ws @ (y[:, bad] / np.sqrt(sig2[bad])))
+    else:
+        z_bad = np.zeros((u_s, 0), dtype=dtype)
+    eps = float(np.finfo(dtype).eps)
+    l_dirs = int(n_directions)
+    et = sp.csr_array(e.T)
+    if min(u_f, u_s) <= l_dirs:
+        # The whole residual range: exact.
+        b = np.eye(u_s, dtype=dtype) if u_s <= u_f else np.asarray(e.T.toarray(), dtype=dtype)
+        b, c = _metric_orth(b, ws, z_bad, max(rtol**2, 16 * eps), 2)
+    else:
+        omega = rng.standard_normal((u_f, l_dirs)).astype(dtype)
+        b = np.asarray(et @ omega)
+        for _ in range(int(power_iterations)):
+            b, c = _metric_orth(b, ws, z_bad, 16 * eps, 1)
+            b = np.asarray(et @ (np.asarray(e @ b) - ew @ c))
+        b, c = _metric_orth(b, ws, z_bad, 16 * eps, 2)
+    q = b.shape[1]
+    er = np.empty((u_f, r + q), dtype=dtype)
+    er[:, :r] = ew
+    er[:, r:] = np.asarray(e @ b) - ew @ c
+    sh = s[:, None] * (wf.T @ er)  # diag(s) W_fᵀ E R  (r×(r+q))
+    gam = er.T @ er
+    gam[:r] += sh
+    gam[:, :r] += sh.T
+    gam[np.arange(r), np.arange(r)] += s * s
+    lam, g = np.linalg.eigh((gam + gam.T) / 2)
+    lam, g = lam[::-1][:rank], g[:, ::-1][:, :rank]
+    if lam.size == 0 or lam[0] <= 0.0:
+        theta = np.zeros(0, dtype=dtype)
+        g = g[:, :0]
+    else:
+        theta = np.sqrt(np.maximum(lam, 0.0))
+        keep = theta > max(rtol, 4.0 * np.sqrt(eps)) * theta[0]
+        theta, g = theta[keep], g[:, keep]
+    g_top, g_bot = g[:r], g[r:]
+    return OneSidedStep(
+        theta=theta.astype(dtype, copy=False),
+        a_full=(s[:, None] * g_top) / theta,
+        d_full=(er @ g) / theta,
+        a_sketch=g_top - c @ g_bot,
+        b_sketch=b @ g_bot,
+        n_directions=q,
+        n_excluded=int(bad.sum()),
+    )
