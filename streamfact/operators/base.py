@@ -34,6 +34,7 @@ __all__ = [
     "Operator",
     "OperatorState",
     "StateFormatError",
+    "dense_row_bad_inputs",
 ]
 
 OperatorT = TypeVar("OperatorT", bound="Operator")
@@ -165,6 +166,26 @@ class ConformanceSpec:
     mergeable: bool = False
     merge_exact: bool = True
     merge_reason: str = ""
+
+
+def dense_row_bad_inputs(
+    dim: int,
+) -> Callable[[np.random.Generator, np.dtype], list[tuple[str, Any]]]:
+    """The bad inputs every operator fed dense rows of width ``dim`` must refuse:
+    a wrong width, NaN and Inf in one row of several, 3-D input and strings."""
+
+    def cases(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
+        nan = rng.standard_normal((4, dim)).astype(dtype)
+        nan[2, 1] = np.nan
+        return [
+            ("wrong width", rng.standard_normal((3, dim + 1))),
+            ("NaN", nan),
+            ("Inf", np.full((1, dim), np.inf)),
+            ("3-D", np.zeros((2, 2, dim))),
+            ("strings", np.array([["a"] * dim])),
+        ]
+
+    return cases
 
 
 class Operator:

@@ -41,6 +41,7 @@ from streamfact.operators.base import (
     StateFormatError,
     as_state,
     check_state_class,
+    dense_row_bad_inputs,
 )
 from streamfact.operators.validation import check_dtype, check_matrix
 
@@ -650,24 +651,12 @@ class SlidingWindowMFAC(Operator):
             out = np.asarray(op.ihvp(xs.astype(op.dtype)), dtype=np.float64)
             return np.concatenate([[op.n_seen_], out.ravel()])
 
-        def bad_inputs(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
-            good = rng.standard_normal((4, dim)).astype(dtype)
-            nan = good.copy()
-            nan[2, 1] = np.nan
-            return [
-                ("wrong width", rng.standard_normal((3, dim + 1))),
-                ("NaN", nan),
-                ("Inf", np.full((1, dim), np.inf)),
-                ("3-D", np.zeros((2, 2, dim))),
-                ("strings", np.array([["a"] * dim])),
-            ]
-
         return ConformanceSpec(
             make=make,
             stream=stream,
             probe=probe,
             feed=lambda op, chunk: op.add(chunk),  # type: ignore[attr-defined]
-            bad_inputs=bad_inputs,
+            bad_inputs=dense_row_bad_inputs(dim),
             # Batch cuts change GEMM blocking and the order of evict/append
             # updates of the factor: rounding only.
             split_tolerance=1e-10,
@@ -882,16 +871,8 @@ class StaticMFAC(Operator):
             return np.concatenate([[op.count_], out.ravel(), diag])
 
         def bad_inputs(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
-            good = rng.standard_normal((4, dim)).astype(dtype)
-            nan = good.copy()
-            nan[1, 3] = np.inf
-            return [
-                ("wrong width", rng.standard_normal((3, dim + 1))),
-                ("Inf", nan),
-                ("NaN", np.full((1, dim), np.nan)),
-                ("3-D", np.zeros((2, 2, dim))),
-                ("over capacity", rng.standard_normal((400, dim))),
-            ]
+            over = ("over capacity", rng.standard_normal((400, dim)))
+            return [*dense_row_bad_inputs(dim)(rng, dtype), over]
 
         return ConformanceSpec(
             make=make,

@@ -16,6 +16,7 @@ from streamfact.operators.base import (
     OperatorState,
     as_state,
     check_state_class,
+    dense_row_bad_inputs,
 )
 from streamfact.operators.validation import check_dense_matrix, check_dtype
 
@@ -185,23 +186,11 @@ class RunningMoments(Operator):
             assert isinstance(op, RunningMoments)
             return np.concatenate([[op.count_], op.mean_, op.m2_.ravel()]).astype(np.float64)
 
-        def bad_inputs(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
-            good = rng.standard_normal((4, dim)).astype(dtype)
-            nan = good.copy()
-            nan[2, 1] = np.nan
-            return [
-                ("wrong width", rng.standard_normal((3, dim + 1))),
-                ("NaN", nan),
-                ("Inf", np.full((1, dim), np.inf)),
-                ("3-D", np.zeros((2, 2, dim))),
-                ("strings", np.array([["a"] * dim])),
-            ]
-
         return ConformanceSpec(
             make=make,
             stream=stream,
             probe=probe,
-            bad_inputs=bad_inputs,
+            bad_inputs=dense_row_bad_inputs(dim),
             # Chan's merge reorders additions, so batch cuts change rounding only.
             split_tolerance=1e-9,
             backends=("cpu", "torch"),
