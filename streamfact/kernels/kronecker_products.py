@@ -28,11 +28,16 @@ __all__ = [
     "FORMS",
     "apply_weight",
     "coordinates_of",
+    "general_update_columns",
     "general_update_factors",
     "measure_cost_ratio",
+    "pack_symmetric",
+    "packed_positions",
+    "pair_multiplicity",
     "restart_cost",
     "rotate",
     "should_restart",
+    "unpack_symmetric",
     "unrotate",
     "woodbury_step_cost",
 ]
@@ -82,18 +87,65 @@ def apply_weight(H: Any, form: str, *, lam: Any = None, half: Any = None, full: 
     return full @ H
 
 
-def coordinates_of(indices: np.ndarray, n: int, form: str) -> np.ndarray:
+def coordinates_of(
+    indices: np.ndarray, n: int, form: str, *, symmetric: bool = False
+) -> np.ndarray:
     """Flat coordinates whose weight depends on the eigenvalues at ``indices``.
 
     "ww": every pair (a, b) with a or b in the set, ``k = 2rn − r²``; "wi": the
-    rows a in the set, ``k = rn`` (kronecker.md §4). Sorted, unique.
+    rows a in the set, ``k = rn`` (kronecker.md §4). With ``symmetric=True``
+    ("ww" with symmetric ``Ã_i``, where columns (a, b) and (b, a) of ``Ã`` are
+    equal) each unordered pair is one coordinate ``a·n + b`` with ``a ≤ b``, so
+    ``k = rn − r(r−1)/2``. Sorted, unique.
     """
     idx = np.asarray(indices, dtype=np.int64)
     rows = (idx[:, None] * n + np.arange(n)[None, :]).ravel()
     if form == "sqrt_w_kron_sqrt_w":
         cols = (np.arange(n)[:, None] * n + idx[None, :]).ravel()
-        return np.unique(np.concatenate([rows, cols]))
+        flat = np.concatenate([rows, cols])
+        if symmetric:
+            a, b = flat // n, flat % n
+            flat = np.minimum(a, b) * n + np.maximum(a, b)
+        return np.unique(flat)
     return np.unique(rows)
+
+
+def pair_multiplicity(coords: np.ndarray, n: int) -> np.ndarray:
+    """Multiplicity of packed pairs: 2 for ``a < b`` (both (a, b) and (b, a)), 1 for ``a = b``."""
+    c = np.asarray(coords, dtype=np.int64)
+    return np.where(c // n == c % n, 1.0, 2.0)
+
+
+def packed_positions(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Upper-triangle packing of symmetric n×n matrices (row-major ``a ≤ b``).
+
+    Returns ``(iu0, iu1, where)``: the row and column of each packed entry and
+    ``where[a·n + b]``, the packed position of flat coordinate (a, b) with
+    ``a ≤ b`` (−1 below the diagonal).
+    """
+    iu0, iu1 = np.triu_indices(n)
+    where = np.full(n * n, -1, dtype=np.int64)
+    where[iu0 * n + iu1] = np.arange(iu0.size)
+    return iu0.astype(np.int64), iu1.astype(np.int64), where
+
+
+def pack_symmetric(H: Any, iu0: Any, iu1: Any, offdiag: Any) -> Any:
+    """Fold a batch ``H`` (q×n×n) onto the packed pairs: ``H_ab + H_ba`` (a < b), ``H_aa``.
+
+    For symmetric ``Ã_i``, ``⟨Ã_i, H⟩ = ⟨pack(Ã_i), pack_symmetric(H)⟩`` where
+    ``pack`` takes the upper triangle (``offdiag`` is 1 off and 0 on the diagonal).
+    numpy and torch alike.
+    """
+    return H[..., iu0, iu1] + H[..., iu1, iu0] * offdiag
+
+
+def unpack_symmetric(P: Any, iu0: Any, iu1: Any, n: int) -> Any:
+    """Symmetric q×n×n batch from packed upper triangles ``P`` (q×n(n+1)/2)."""
+    shape = (*P.shape[:-1], n, n)
+    out = P.new_zeros(shape) if hasattr(P, "new_zeros") else np.zeros(shape, dtype=P.dtype)
+    out[..., iu0, iu1] = P
+    out[..., iu1, iu0] = P
+    return out
 
 
 def general_update_factors(
@@ -129,18 +181,68 @@ def general_update_factors(
     return np.concatenate([X1, X2], axis=1), S
 
 
+def general_update_columns(
+    At3: np.ndarray,
+    Ut: np.ndarray,
+    C: np.ndarray,
+    W_old: np.ndarray,
+    W_new: np.ndarray,
+    form: str,
+    *,
+    symmetric: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The factors of :func:`general_update_factors` with a diagonal ``S``: ``(X, s)``.
+
+    ``M' − M = X diag(s) Xᵀ``. The Kronecker blocks of ``S`` are diagonalised
+    through their factors (``eigh`` of r×r and n×n matrices, never of ``S``),
+    and the eigenvectors are folded into the structured products, so the cost
+    stays ``O(m n² r)``:
+
+    * "wi": ``S_V = E diag(s_V) Eᵀ``; rows ``vec((VE)ᵀÃ_i)``, ``s = s_V ⊗ 1_n``.
+    * "ww": ``C = E_C Λ_C E_Cᵀ``, ``Ŵ' = E' Λ' E'ᵀ``, ``Ŵ = E Λ Eᵀ``; rows
+      ``vec(E_CᵀŨᵀÃ_iE')`` with ``s = λ_C ⊗ λ'`` and ``vec(EᵀÃ_iŨE_C)`` with
+      ``s = λ ⊗ λ_C``. With ``symmetric=True`` (``Ã_i = Ã_iᵀ``) the second block
+      equals the first up to a permutation, so the two merge into rows
+      ``vec(E_CᵀŨᵀÃ_iE_+)`` with ``Ŵ + Ŵ' = E_+ Λ_+ E_+ᵀ``, ``s = λ_C ⊗ λ_+``:
+      rank rn instead of 2rn.
+    """
+    m, n, _ = At3.shape
+    if form == "w_kron_i":
+        V = np.concatenate([Ut, W_old @ Ut], axis=1)
+        CUUC = C @ (Ut.T @ Ut) @ C
+        SV = np.block([[CUUC, C], [C, np.zeros_like(C)]])
+        sV, E = np.linalg.eigh((SV + SV.T) / 2)
+        VE = V @ E
+        X = (VE.T @ At3).reshape(m, VE.shape[1] * n)
+        return X, np.repeat(sV, n)
+    lc, Ec = np.linalg.eigh(C)
+    UE = Ut @ Ec
+    r = UE.shape[1]
+    if symmetric:
+        lp, Ep = np.linalg.eigh((W_old + W_new + (W_old + W_new).T) / 4)
+        X = (UE.T @ At3 @ Ep).reshape(m, r * n)
+        return X, np.kron(lc, 2.0 * lp)
+    l1, E1 = np.linalg.eigh((W_new + W_new.T) / 2)
+    l2, E2 = np.linalg.eigh((W_old + W_old.T) / 2)
+    X1 = (UE.T @ At3 @ E1).reshape(m, r * n)
+    X2 = (E2.T @ At3 @ UE).reshape(m, n * r)
+    return np.concatenate([X1, X2], axis=1), np.concatenate([np.kron(lc, l1), np.kron(l2, lc)])
+
+
 # -- restart policy -----------------------------------------------------------
 
 
 def woodbury_step_cost(m: int, j: int, k: int) -> float:
-    """Flops of appending ``k`` Woodbury columns to an accumulated rank ``j``.
+    """Modelled flops of appending ``k`` Woodbury columns to an accumulated rank ``j``.
 
-    ``Z = M̃⁻¹X`` by two triangular solves (2m²k), the new block of
-    ``G = XᵀZ`` (2mjk + mk²), the LU of the ``(j+k)×(j+k)`` capacitance and the
-    extra work of one query (4m(j+k)).
+    ``V = L⁻¹X`` by one triangular solve (m²k), the new blocks of the Gram
+    ``G = VᵀV`` (2mjk + mk²), the symmetric factorisation of the
+    ``(j+k)×(j+k)`` capacitance ((j+k)³/3) and the extra work of one query
+    (4m(j+k)); plus a carrying cost 2mk²: columns kept until the next restart
+    make the next push of similar size pay its cross block against them.
     """
     jk = j + k
-    return 2.0 * m * m * k + 2.0 * m * j * k + m * k * k + (2.0 / 3.0) * jk**3 + 4.0 * m * jk
+    return m * m * k + 2.0 * m * j * k + 3.0 * m * k * k + jk**3 / 3.0 + 4.0 * m * jk
 
 
 def restart_cost(m: int, cost_ratio: float = 1.0) -> float:
@@ -149,36 +251,49 @@ def restart_cost(m: int, cost_ratio: float = 1.0) -> float:
     The fold ``M̃ += X S Xᵀ`` is owed by every accumulated column whether it is
     folded now or later, so only the Cholesky decides between appending and
     restarting. ``cost_ratio`` is the measured time per Cholesky flop over the
-    time per GEMM flop (:func:`measure_cost_ratio`); 1.0 is the flop model.
+    time per triangular-solve flop (:func:`measure_cost_ratio`); 1.0 is the
+    flop model.
     """
     return cost_ratio * m**3 / 3.0
 
 
-def should_restart(m: int, j: int, k: int, k_max: int, cost_ratio: float = 1.0) -> bool:
+def should_restart(
+    m: int,
+    j: int,
+    k: int,
+    k_max: int,
+    cost_ratio: float = 1.0,
+    cycle_mean: float | None = None,
+) -> bool:
     """Restart (fold and refactor) instead of appending ``k`` columns to rank ``j``?
 
     True when the accumulated rank would pass ``k_max`` or when the Woodbury
-    step would cost more than a restart (kronecker.md §8.3: switch to
+    step costs more than the mean cost per update of the current restart cycle
+    (``cycle_mean``: the restart's Cholesky plus the appends since, over their
+    count; the renewal rule, optimal when the step cost grows with ``j``).
+    Without ``cycle_mean`` the bar is one restart (kronecker.md §8.3: switch to
     recomputation when the predicted Woodbury cost exceeds it).
     """
     if j + k > k_max:
         return True
-    return woodbury_step_cost(m, j, k) > restart_cost(m, cost_ratio)
+    bar = restart_cost(m, cost_ratio) if cycle_mean is None else cycle_mean
+    return woodbury_step_cost(m, j, k) > bar
 
 
 def measure_cost_ratio(m: int, k: int = 64, *, repeats: int = 3, seed: int = 0) -> float:
     """Measured (time per Cholesky flop) / (time per triangular-solve flop) at size ``m``.
 
-    Machine dependent; pass the result as ``cost_ratio`` so that the operator
-    itself stays deterministic.
+    The solve is ``L⁻¹X`` for an m×k block, as in a Woodbury append. Machine
+    dependent; pass the result as ``cost_ratio`` so that the operator itself
+    stays deterministic.
     """
     import scipy.linalg as sla
 
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((m, m))
-    spd = X @ X.T + m * np.eye(m)
+    spd = np.asfortranarray(X @ X.T + m * np.eye(m))
     L = np.linalg.cholesky(spd)
-    Y = rng.standard_normal((m, k))
+    Y = np.asfortranarray(rng.standard_normal((m, k)))
 
     def best(fn: Any) -> float:
         out = math.inf
@@ -188,6 +303,8 @@ def measure_cost_ratio(m: int, k: int = 64, *, repeats: int = 3, seed: int = 0) 
             out = min(out, time.perf_counter() - t0)
         return max(out, 1e-9)
 
-    t_solve = best(lambda: sla.cho_solve((L, True), Y, check_finite=False)) / (2.0 * m * m * k)
-    t_chol = best(lambda: sla.cholesky(spd, lower=True, check_finite=False)) / (m**3 / 3.0)
+    t_solve = best(lambda: sla.solve_triangular(L, Y, lower=True, check_finite=False)) / float(
+        m * m * k
+    )
+    t_chol = best(lambda: sla.lapack.dpotrf(spd, lower=1)) / (m**3 / 3.0)
     return t_chol / t_solve

@@ -12,17 +12,24 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import scipy.linalg as sla
+import scipy.linalg.blas as _blas
+import scipy.linalg.lapack as _lapack
 
 from streamfact.kernels.backend import resolve_backend, to_numpy
 from streamfact.kernels.kronecker_products import (
     FORMS,
     apply_weight,
     coordinates_of,
-    general_update_factors,
+    general_update_columns,
+    pack_symmetric,
+    packed_positions,
+    pair_multiplicity,
+    restart_cost,
     rotate,
     should_restart,
+    unpack_symmetric,
     unrotate,
+    woodbury_step_cost,
 )
 from streamfact.operators.base import (
     ConformanceSpec,
@@ -201,22 +208,81 @@ class SketchPool:
         self._cache = None
 
 
-def _lowrank(X: np.ndarray, S: np.ndarray) -> np.ndarray:
-    """``X S Xᵀ``, exactly symmetric; diagonal ``S`` as two symmetric rank-k products."""
-    d = np.diag(S)
-    if np.count_nonzero(S - np.diag(d)) == 0:
-        pos, neg = d > 0, d < 0
-        out = np.zeros((X.shape[0], X.shape[0]))
-        Xt = X.T  # k×m; row gathers are contiguous when X is a view of Ãᵀ
-        if pos.any():
-            Yp = Xt[pos] * np.sqrt(d[pos])[:, None]
-            out += Yp.T @ Yp
-        if neg.any():
-            Yn = Xt[neg] * np.sqrt(-d[neg])[:, None]
-            out -= Yn.T @ Yn
-        return out
-    out = (X @ S) @ X.T
-    return (out + out.T) / 2
+def _fold(M: np.ndarray, X: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``M += X diag(s) Xᵀ`` on the lower triangle of the F-ordered ``M``, in place.
+
+    Two symmetric rank-k products (``dsyrk``), one for the positive and one for the
+    negative weights, so only ``m²k`` flops and no m×m temporary.
+    """
+    for sign in (1.0, -1.0):
+        sel = s * sign > 0
+        if sel.any():
+            Y = np.asfortranarray(X[:, sel] * np.sqrt(np.abs(s[sel]))[None, :])
+            M = _blas.dsyrk(sign, Y, beta=1.0, c=M, trans=0, lower=1, overwrite_c=1)
+    return M
+
+
+def _symmetric_from_lower(M: np.ndarray) -> np.ndarray:
+    return np.tril(M) + np.tril(M, -1).T
+
+
+class _Capacitance:
+    """Factor of the Woodbury capacitance ``C = Σ + A G A`` (kronecker.md §4, symmetric form).
+
+    With ``s = A Σ A`` (``A = diag(√|s|)``, ``Σ = diag(±1)``) and ``V = L⁻¹X``,
+    ``M̃ + X diag(s) Xᵀ = L (I + VAΣAVᵀ) Lᵀ`` and, since ``Σ⁻¹ = Σ``,
+    ``(I + VAΣAVᵀ)⁻¹ = I − VA C⁻¹ AVᵀ``. ``s`` is never inverted, so zero or
+    negative weights are fine. ``C`` is SPD when all weights are ≥ 0 (Cholesky),
+    symmetric indefinite otherwise (Bunch–Kaufman ``LDLᵀ``); ``j³/3`` either way.
+    """
+
+    def __init__(self, G: np.ndarray, s: np.ndarray) -> None:
+        j = s.size
+        self.a = np.sqrt(np.abs(s))
+        sigma = np.where(s < 0, -1.0, 1.0)
+        C = np.asfortranarray(G * np.outer(self.a, self.a))
+        C[np.diag_indices(j)] += sigma
+        anorm = float(np.abs(C).sum(axis=0).max())
+        eps = np.finfo(np.float64).eps
+        self.spd = bool((s >= 0).all())
+        if self.spd:
+            F, info = _lapack.dpotrf(C, lower=1, clean=0)
+            if info == 0:
+                rcond, _ = _lapack.dpocon(F, anorm, uplo="L")
+                self.F, self.piv = F, np.zeros(0, dtype=np.int32)
+            else:
+                rcond = 0.0
+        else:
+            F, piv, info = _lapack.dsytrf(C, lower=1, lwork=max(64 * j, 1))
+            rcond = 0.0
+            if info == 0:
+                rcond, _ = _lapack.dsycon(F, piv, anorm, lower=1)
+            self.F, self.piv = F, piv
+        if not rcond > eps * max(j, 1):
+            raise InvalidInputError("this update makes BBᵀ singular (or numerically so)")
+
+    def solve(self, t: np.ndarray) -> np.ndarray:
+        if self.spd:
+            x, _ = _lapack.dpotrs(self.F, t, lower=1)
+        else:
+            x, _ = _lapack.dsytrs(self.F, self.piv, t, lower=1)
+        return np.asarray(x)
+
+
+def _cholesky(M: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor (F-ordered) of the F-ordered ``M`` (lower triangle read).
+
+    Refuses ``M`` whose pivots fall to round-off level relative to its diagonal
+    (``min L_ii²/M_ii ≤ 8·m·eps``: BBᵀ singular or numerically so).
+    """
+    m = M.shape[0]
+    L, info = _lapack.dpotrf(M, lower=1, clean=1)
+    if info != 0:
+        raise InvalidInputError("this update makes BBᵀ singular")
+    d = np.diag(M)
+    if not (d > 0).all() or (np.diag(L) ** 2 / d).min() <= 8 * m * np.finfo(np.float64).eps:
+        raise InvalidInputError("this update makes BBᵀ singular (or numerically so)")
+    return np.asarray(L)
 
 
 class KroneckerProjection(Operator):
@@ -344,7 +410,7 @@ class KroneckerProjection(Operator):
     True
     """
 
-    state_version = 1
+    state_version = 2
 
     def __init__(
         self,
@@ -411,40 +477,96 @@ class KroneckerProjection(Operator):
 
     # -- construction helpers ---------------------------------------------------
     def _setup(self, A64: np.ndarray, Q: np.ndarray, lam: np.ndarray) -> None:
-        n, m = self._n, self._m
-        be = self._backend
-        self._Q = Q
-        self._Qb = be.asarray(Q, self.dtype)
-        A3 = be.asarray(A64.reshape(m, n, n), self.dtype)
-        self._At3 = rotate(A3, self._Qb, self.form)
-        self._At = self._At3.reshape(m, n * n)
-        self._At64 = np.asarray(to_numpy(self._At), dtype=np.float64)
-        # Column gathers of Ã become contiguous row gathers of Ãᵀ.
-        self._At64T = np.ascontiguousarray(self._At64.T)
+        n = self._n
+        self._setup_constraints(A64, Q)
         self._lam_true = lam.astype(np.float64).copy()
         self._W_sync = np.diag(lam).astype(np.float64)
         self._W_base = self._W_sync.copy()
         self._sync_diag = True
         self._base_diag = True
         self._half: dict[str, Any] | None = None
+        self._wq: Any = None
         self._Mbase = self._gram(self._W_sync, True)
         try:
-            self._L = sla.cholesky(self._Mbase, lower=True)
-        except np.linalg.LinAlgError as exc:
+            self._L = _cholesky(self._Mbase)
+        except InvalidInputError as exc:
             raise ValueError("BBᵀ is singular for this A and W") from exc
         self._clear_acc()
+        self._new_cycle()
         self._steps = self._restarts = self._refreshes = self._pushed = self._queries = 0
         self._rng = np.random.default_rng(self.seed)
         self._pool = SketchPool(self.sketch, n * n, self._rng) if self.sketch is not None else None
 
+    def _setup_constraints(self, A64: np.ndarray, Q: np.ndarray) -> None:
+        """Rotate the constraints once; pack them when the "ww" form sees symmetric ``A_i``."""
+        n, m = self._n, self._m
+        be = self._backend
+        self._Q = Q
+        self._Qb = be.asarray(Q, self.dtype)
+        A3 = A64.reshape(m, n, n)
+        asym = np.abs(A3 - A3.transpose(0, 2, 1)).max(axis=(1, 2))
+        scale = np.abs(A3).max(axis=(1, 2))
+        self._symA = bool((asym <= 16 * np.finfo(np.float64).eps * scale).all())
+        self._sym = self._symA and self.form == "sqrt_w_kron_sqrt_w"
+        iu0, iu1, where = packed_positions(n)
+        if self._symA:
+            self._iu = (be.asarray(iu0, "int64"), be.asarray(iu1, "int64"))
+            self._offdiag = be.asarray((iu0 != iu1).astype(np.float64), self.dtype)
+        At3 = rotate(be.asarray(A3, self.dtype), self._Qb, self.form)
+        if self._sym:
+            # Ã_i = QᵀA_iQ is symmetric up to round-off; averaging the two triangles
+            # makes columns (a, b) and (b, a) of Ã equal, so they merge into one.
+            Ac = (At3[..., iu0, iu1] + At3[..., iu1, iu0]) / 2
+            self._unit_of = np.where(where >= 0, where, where.reshape(n, n).T.ravel())
+            self._ua, self._ub = iu0, iu1
+            self._mult = pair_multiplicity(iu0 * n + iu1, n)
+        else:
+            Ac = At3.reshape(m, n * n)
+            self._unit_of = np.arange(n * n, dtype=np.int64)
+            flat = np.arange(n * n, dtype=np.int64)
+            self._ua, self._ub = flat // n, flat % n
+            self._mult = np.ones(n * n)
+        del At3
+        # Column gathers of Ã become contiguous row gathers of Ãᵀ; on the numpy
+        # float64 path the backend copy is a view of the same memory.
+        self._AcT64 = np.ascontiguousarray(np.asarray(to_numpy(Ac), dtype=np.float64).T)
+        if not be.is_torch and np.dtype(self.dtype) == np.float64:
+            Ac = self._AcT64.T
+        self._Ac = Ac
+        self._Ap: Any = None
+        if self._symA and not self._sym:
+            # "wi" with symmetric A_i: queries run in the original frame on the packed
+            # A, ⟨A_i, sym(WH)⟩ and W·Σy_iA_i, half the memory traffic of Ã.
+            A3b = be.asarray(A3, self.dtype)
+            ib0, ib1 = self._iu
+            self._Ap = (A3b[..., ib0, ib1] + A3b[..., ib1, ib0]) / 2
+
+    def _full_At3(self, backend: bool) -> Any:
+        """Rotated constraints as m×n×n (backend dtype, or float64 numpy); O(m n²) memory."""
+        n, m = self._n, self._m
+        if backend:
+            src = self._Ac
+        else:
+            src = self._AcT64.T
+        if self._sym:
+            iu0, iu1 = self._iu if backend else (self._ua, self._ub)
+            return unpack_symmetric(src, iu0, iu1, n)
+        if backend:
+            return src.reshape(m, n, n)
+        return np.ascontiguousarray(src).reshape(m, n, n)
+
     def _clear_acc(self) -> None:
-        m = self._m
-        self._X = np.zeros((m, 0))
-        self._Z = np.zeros((m, 0))
+        self._j = 0
+        self._Xb = np.zeros((self._m, 0), order="F")
+        self._Vb = np.zeros((self._m, 0), order="F")
         self._G = np.zeros((0, 0))
-        self._S = np.zeros((0, 0))
-        self._cols = np.zeros(0, dtype=np.int64)  # coordinate id, or -1 for general columns
-        self._Klu: tuple[np.ndarray, np.ndarray] | None = None
+        self._s = np.zeros(0)
+        self._cols = np.zeros(0, dtype=np.int64)  # coordinate unit, or -1 for general columns
+        self._cap: _Capacitance | None = None
+
+    def _new_cycle(self) -> None:
+        self._cycle_cost = restart_cost(self._m, self.cost_ratio)
+        self._cycle_n = 1
 
     # -- dense products (backend) -------------------------------------------------
     def _weight_kwargs(self, W_sync: np.ndarray, diag: bool) -> dict[str, Any]:
@@ -458,13 +580,23 @@ class KroneckerProjection(Operator):
         return {"full": be.asarray(W_sync, self.dtype)}
 
     def _gram(self, W_sync: np.ndarray, diag: bool) -> np.ndarray:
-        """``M = B̃B̃ᵀ`` from scratch (rotated recomputation): O(m²n²)."""
-        m, n = self._m, self._n
-        Bt = apply_weight(self._At3, self.form, **self._weight_kwargs(W_sync, diag)).reshape(
-            m, n * n
-        )
-        M = np.asarray(to_numpy(Bt @ Bt.T), dtype=np.float64)
-        return (M + M.T) / 2
+        """``M = B̃B̃ᵀ`` from scratch (rotated recomputation): O(m²n²), F-ordered.
+
+        Packed ("ww", symmetric ``A_i``): ``M = Σ_{a≤b} mult·c_ab Ã_ab Ã_abᵀ``, half the flops.
+        """
+        be = self._backend
+        if diag:
+            w = self._unit_weight(np.diag(W_sync), np.arange(self._mult.size))
+            Bc = self._Ac * be.asarray(np.sqrt(np.maximum(w, 0.0)), self.dtype)
+        else:
+            B3 = apply_weight(self._full_At3(True), self.form, **self._weight_kwargs(W_sync, False))
+            if self._sym:
+                iu0, iu1 = self._iu
+                Bc = B3[..., iu0, iu1] * be.asarray(np.sqrt(self._mult), self.dtype)
+            else:
+                Bc = B3.reshape(self._m, self._n * self._n)
+        M = np.asarray(to_numpy(Bc @ Bc.T), dtype=np.float64)
+        return np.asfortranarray((M + M.T) / 2)
 
     def _weights(self) -> dict[str, Any]:
         if self._sync_diag:
@@ -474,60 +606,73 @@ class KroneckerProjection(Operator):
         return self._half
 
     # -- Woodbury bookkeeping ------------------------------------------------------
-    def _coord_weight(self, lam: np.ndarray, coords: np.ndarray) -> np.ndarray:
-        a, b = coords // self._n, coords % self._n
+    def _unit_weight(self, lam: np.ndarray, units: np.ndarray) -> np.ndarray:
+        """Weight of coordinate units in M: ``mult·λ_aλ_b`` ("ww") or ``λ_a²`` ("wi")."""
+        a = self._ua[units]
         if self.form == "sqrt_w_kron_sqrt_w":
-            return lam[a] * lam[b]
+            return self._mult[units] * lam[a] * lam[self._ub[units]]
         return lam[a] ** 2
 
-    def _capacitance(self, G: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = G.shape[0]
-        K = np.eye(k) + S @ G
-        lu, piv = sla.lu_factor(K, check_finite=False)
-        anorm = float(np.abs(K).sum(axis=0).max())
-        rcond, _ = sla.lapack.dgecon(lu, anorm, norm="1")
-        if not rcond > np.finfo(float).eps * k:
-            raise InvalidInputError("this update makes BBᵀ singular (or numerically so)")
-        return lu, piv
+    def _cycle_mean(self) -> float:
+        return self._cycle_cost / self._cycle_n
 
     def _apply(
         self,
         X_new: np.ndarray,
-        S_new: np.ndarray,
+        s_new: np.ndarray,
         cols_new: np.ndarray,
-        S_existing: np.ndarray,
+        s_existing: np.ndarray,
         W_sync: np.ndarray,
         sync_diag: bool,
     ) -> None:
-        """Add ``X_new S_new X_newᵀ`` (and the revised ``S_existing``) to M; commit.
+        """Add ``X_new diag(s_new) X_newᵀ`` (and the revised ``s_existing``) to M; commit.
 
         Everything is computed into locals first; state changes only at the end.
         """
-        k_old = self._X.shape[1]
-        k_new = X_new.shape[1]
-        k_tot = k_old + k_new
-        if should_restart(self._m, k_old, k_new, self._k_max, self.cost_ratio):
-            self._restart(X_new, S_new, S_existing, W_sync, sync_diag)
+        m, j, k = self._m, self._j, X_new.shape[1]
+        if should_restart(m, j, k, self._k_max, self.cost_ratio, self._cycle_mean()):
+            self._restart(X_new, s_new, s_existing, W_sync, sync_diag)
             return
-        Z_new = sla.cho_solve((self._L, True), X_new, check_finite=False)
-        G12 = self._X.T @ Z_new
-        G22 = X_new.T @ Z_new
-        G = np.block([[self._G, G12], [G12.T, (G22 + G22.T) / 2]])
-        S = np.zeros((k_tot, k_tot))
-        S[:k_old, :k_old] = S_existing
-        S[k_old:, k_old:] = S_new
-        Klu = self._capacitance(G, S)
-        self._X = np.concatenate([self._X, X_new], axis=1)
-        self._Z = np.concatenate([self._Z, Z_new], axis=1)
-        self._G, self._S, self._Klu = G, S, Klu
+        V_new, info = _lapack.dtrtrs(self._L, np.asfortranarray(X_new), lower=1)
+        if info != 0:
+            raise InvalidInputError("Cholesky factor is singular")
+        V_old = self._Vb[:, :j]
+        G = np.empty((j + k, j + k))
+        G[:j, :j] = self._G
+        G12 = V_old.T @ V_new
+        G[:j, j:] = G12
+        G[j:, :j] = G12.T
+        G22 = V_new.T @ V_new
+        G[j:, j:] = (G22 + G22.T) / 2
+        s = np.concatenate([s_existing, s_new])
+        cap = _Capacitance(G, s)
+        self._reserve(j + k)
+        self._Xb[:, j : j + k] = X_new
+        self._Vb[:, j : j + k] = V_new
+        self._j = j + k
+        self._G, self._s, self._cap = G, s, cap
         self._cols = np.concatenate([self._cols, cols_new])
+        self._cycle_cost += woodbury_step_cost(m, j, k)
+        self._cycle_n += 1
         self._commit_weights(W_sync, sync_diag)
+
+    def _reserve(self, k: int) -> None:
+        """Grow the F-ordered column buffers of X and V to hold ``k`` columns."""
+        cap = self._Xb.shape[1]
+        if k <= cap:
+            return
+        size = min(max(2 * cap, k, 64), max(self._k_max, k))
+        for name in ("_Xb", "_Vb"):
+            old = getattr(self, name)
+            buf = np.zeros((self._m, size), order="F")
+            buf[:, : self._j] = old[:, : self._j]
+            setattr(self, name, buf)
 
     def _restart(
         self,
         X_new: np.ndarray,
-        S_new: np.ndarray,
-        S_existing: np.ndarray,
+        s_new: np.ndarray,
+        s_existing: np.ndarray,
         W_sync: np.ndarray,
         sync_diag: bool,
     ) -> None:
@@ -536,17 +681,15 @@ class KroneckerProjection(Operator):
         if refresh:
             M = self._gram(W_sync, sync_diag)
         else:
-            M = self._Mbase.copy()
-            if self._X.shape[1]:
-                M += _lowrank(self._X, S_existing)
+            M = np.array(self._Mbase, order="F", copy=True)
+            if self._j:
+                M = _fold(M, self._Xb[:, : self._j], s_existing)
             if X_new.shape[1]:
-                M += _lowrank(X_new, S_new)
-        try:
-            L = sla.cholesky(M, lower=True, check_finite=False)
-        except np.linalg.LinAlgError as exc:
-            raise InvalidInputError("this update makes BBᵀ singular") from exc
+                M = _fold(M, X_new, s_new)
+        L = _cholesky(M)
         self._Mbase, self._L = M, L
         self._clear_acc()
+        self._new_cycle()
         self._restarts += 1
         self._refreshes += int(refresh)
         self._commit_weights(W_sync, sync_diag)
@@ -557,38 +700,39 @@ class KroneckerProjection(Operator):
         self._W_sync = W_sync
         self._sync_diag = sync_diag
         self._half = None
+        self._wq = None
 
     def _push_diag(self, lam_sync_new: np.ndarray, changed: np.ndarray) -> None:
         """Diagonal-weight Woodbury step for eigenvalues ``changed`` (§4)."""
-        coords = coordinates_of(changed, self._n, self.form)
+        coords = coordinates_of(changed, self._n, self.form, symmetric=self._sym)
+        units = self._unit_of[coords]
         lam_base = np.diag(self._W_base)
-        dc = self._coord_weight(lam_sync_new, coords) - self._coord_weight(lam_base, coords)
-        pos = np.full(self._n * self._n, -1, dtype=np.int64)
+        dc = self._unit_weight(lam_sync_new, units) - self._unit_weight(lam_base, units)
+        pos = np.full(self._mult.size, -1, dtype=np.int64)
         is_coord = self._cols >= 0
         pos[self._cols[is_coord]] = np.flatnonzero(is_coord)
-        where = pos[coords]
+        where = pos[units]
         fresh = where < 0
-        S_existing = self._S.copy()
-        S_existing[where[~fresh], where[~fresh]] = dc[~fresh]
-        cols_new = coords[fresh]
-        X_new = self._At64T[cols_new].T
-        self._apply(X_new, np.diag(dc[fresh]), cols_new, S_existing, np.diag(lam_sync_new), True)
+        s_existing = self._s.copy()
+        s_existing[where[~fresh]] = dc[~fresh]
+        # A fresh unit with no weight change (λ_b = 0) adds nothing to M.
+        add = fresh & (dc != 0)
+        cols_new = units[add]
+        X_new = self._AcT64[cols_new].T
+        self._apply(X_new, dc[add], cols_new, s_existing, np.diag(lam_sync_new), True)
 
     def _push_general(self, Ut: np.ndarray, C: np.ndarray) -> None:
-        """General ``ΔŴ = Ũ C Ũᵀ`` in the rotated frame (§5)."""
+        """General ``ΔŴ = Ũ C Ũᵀ`` in the rotated frame (§5), as weighted columns."""
         W_old = self._W_sync
         W_new = W_old + Ut @ C @ Ut.T
         W_new = (W_new + W_new.T) / 2
-        X, S = general_update_factors(
-            np.asarray(self._At64.reshape(self._m, self._n, self._n)),
-            Ut,
-            C,
-            W_old,
-            W_new,
-            self.form,
+        X, s = general_update_columns(
+            self._full_At3(False), Ut, C, W_old, W_new, self.form, symmetric=self._sym
         )
+        keep = s != 0
+        X, s = X[:, keep], s[keep]
         cols = -np.ones(X.shape[1], dtype=np.int64)
-        self._apply(X, S, cols, self._S.copy(), W_new, False)
+        self._apply(X, s, cols, self._s.copy(), W_new, False)
 
     # -- validation of update input ----------------------------------------------
     def _check_eigen_input(self, indices: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -652,7 +796,7 @@ class KroneckerProjection(Operator):
             both = (a > 0) & (b > 0)
             drift = np.full(cand.size, np.inf)
             drift[both] = np.abs(np.log(a[both] / b[both]))
-            cand = cand[drift > self.epsilon]
+            cand = cand[drift > self.push_threshold]
         if cand.size:
             lam_new = lam_sync.copy()
             lam_new[cand] = lam_true[cand]
@@ -721,26 +865,53 @@ class KroneckerProjection(Operator):
         return np.asarray(H), single
 
     def _solve(self, b: np.ndarray) -> np.ndarray:
-        """``M⁻¹ b`` through the base Cholesky factor and the Woodbury correction."""
-        v = sla.cho_solve((self._L, True), b, check_finite=False)
-        if self._X.shape[1]:
-            assert self._Klu is not None
-            t = self._S @ (self._X.T @ v)
-            u = sla.lu_solve(self._Klu, t, check_finite=False)
-            v = v - self._Z @ u
-        return v
+        """``M⁻¹ b`` through the base Cholesky factor and the Woodbury correction.
+
+        ``M⁻¹ = L⁻ᵀ (I − VA C⁻¹ AVᵀ) L⁻¹``: two triangular solves plus ``4mj`` per column.
+        """
+        v, _ = _lapack.dtrtrs(self._L, b, lower=1)
+        if self._j:
+            assert self._cap is not None
+            a = self._cap.a[:, None]
+            V = self._Vb[:, : self._j]
+            u = self._cap.solve(a * (V.T @ v))
+            v = v - V @ (a * u)
+        x, _ = _lapack.dtrtrs(self._L, v, lower=1, trans=1)
+        return np.asarray(x)
 
     def _project_rows(self, H: np.ndarray) -> np.ndarray:
         n, q = self._n, H.shape[0]
         be = self._backend
-        wk = self._weights()
         Hb = be.asarray(H.reshape(q, n, n), self.dtype)
+        if self._Ap is not None:
+            Wq = self._original_weight()
+            rhs = self._Ap @ pack_symmetric(Wq @ Hb, *self._iu, self._offdiag).T
+            y = self._solve(np.asarray(to_numpy(rhs), dtype=np.float64))
+            S = unpack_symmetric((self._Ap.T @ be.asarray(y, self.dtype)).T, *self._iu, n)
+            return np.asarray(to_numpy((Wq @ S).reshape(q, n * n)), dtype=self.dtype)
+        wk = self._weights()
         Z3 = apply_weight(rotate(Hb, self._Qb, self.form), self.form, **wk)
-        rhs = np.asarray(to_numpy(self._At @ Z3.reshape(q, n * n).T), dtype=np.float64)
+        if self._sym:
+            Zc = pack_symmetric(Z3, *self._iu, self._offdiag)
+        else:
+            Zc = Z3.reshape(q, n * n)
+        rhs = np.asarray(to_numpy(self._Ac @ Zc.T), dtype=np.float64)
         y = self._solve(rhs)
-        back = (self._At.T @ be.asarray(y, self.dtype)).T.reshape(q, n, n)
+        backc = (self._Ac.T @ be.asarray(y, self.dtype)).T
+        if self._sym:
+            back = unpack_symmetric(backc, *self._iu, n)
+        else:
+            back = backc.reshape(q, n, n)
         out = unrotate(apply_weight(back, self.form, **wk), self._Qb, self.form)
         return np.asarray(to_numpy(out.reshape(q, n * n)), dtype=self.dtype)
+
+    def _original_weight(self) -> Any:
+        """The synced W in the original frame, ``Q Ŵ Qᵀ`` (backend, cached per weight change)."""
+        if self._wq is None:
+            Wr = self._W_sync
+            W = self._Q @ Wr @ self._Q.T
+            self._wq = self._backend.asarray((W + W.T) / 2, self.dtype)
+        return self._wq
 
     def project(self, h: Any) -> np.ndarray:
         """``P h`` for one vector (n²,) or a batch (q×n²), row-major vec. O(q(mn² + n³) + m²q)."""
@@ -807,6 +978,19 @@ class KroneckerProjection(Operator):
         return self._Q @ Wr @ self._Q.T
 
     @property
+    def push_threshold(self) -> float:
+        """Lazy push threshold on ``|log(λ/λ̃)|``: ``epsilon`` ("ww"), ``epsilon/2`` ("wi").
+
+        In "ww" a drift δ of λ_a moves the B-row weights ``√(λ_aλ_b)`` by δ/2
+        (δ only for b = a); in "wi" it moves the whole block ``λ_a`` by δ. Halving
+        the threshold for "wi" gives both forms the same weight drift, and the
+        measured error ≤ ε/2 for both (kronecker.md §6, §10).
+        """
+        if self.form == "w_kron_i":
+            return self.epsilon / 2
+        return self.epsilon
+
+    @property
     def restart_threshold(self) -> int:
         return int(self._k_max)
 
@@ -817,24 +1001,24 @@ class KroneckerProjection(Operator):
             "restarts": self._restarts,
             "refreshes": self._refreshes,
             "pushed": self._pushed,
-            "rank": int(self._X.shape[1]),
+            "rank": int(self._j),
             "queries": self._queries,
         }
 
     # -- state -----------------------------------------------------------------------------
-    _ACC = ("X", "Z", "S", "G", "cols")
+    _ACC = ("X", "V", "s", "G", "cols")
 
     def state(self) -> OperatorState:
-        k, K = self._X.shape[1], self._k_max
+        j, K = self._j, self._k_max
         m = self._m
 
-        def pad(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        def pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
             out = np.zeros(shape, dtype=a.dtype)
-            out[: a.shape[0], : a.shape[1]] = a
+            out[tuple(slice(0, d) for d in a.shape)] = a
             return out
 
         cols = -np.ones(K, dtype=np.int64)
-        cols[:k] = self._cols
+        cols[:j] = self._cols
         arrays = {
             "A": np.asarray(to_numpy(self.A), dtype=np.float64).copy(),
             "W": np.asarray(to_numpy(self.W), dtype=np.float64).copy(),
@@ -842,11 +1026,11 @@ class KroneckerProjection(Operator):
             "lam_true": self._lam_true.copy(),
             "W_sync": self._W_sync.copy(),
             "W_base": self._W_base.copy(),
-            "M_base": self._Mbase.copy(),
-            "L": self._L.copy(),
-            "X": pad(self._X, (m, K)),
-            "Z": pad(self._Z, (m, K)),
-            "S": pad(self._S, (K, K)),
+            "M_base": np.ascontiguousarray(_symmetric_from_lower(self._Mbase)),
+            "L": np.ascontiguousarray(self._L),
+            "X": pad(self._Xb[:, :j], (m, K)),
+            "V": pad(self._Vb[:, :j], (m, K)),
+            "s": pad(self._s, (K,)),
             "G": pad(self._G, (K, K)),
             "cols": cols,
         }
@@ -855,10 +1039,11 @@ class KroneckerProjection(Operator):
             "state_version": self.state_version,
             "params": self.json_params(),
             "sketch": None if self.sketch is None else self.sketch.to_dict(),
-            "rank": k,
+            "rank": j,
             "k_max": int(K),
             "sync_diag": bool(self._sync_diag),
             "base_diag": bool(self._base_diag),
+            "cycle": [float(self._cycle_cost), int(self._cycle_n)],
             "counters": {
                 "steps": self._steps,
                 "restarts": self._restarts,
@@ -875,6 +1060,11 @@ class KroneckerProjection(Operator):
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> KroneckerProjection:
         st = as_state(state)
         check_state_class(st, cls)
+        if int(st.meta.get("state_version", 1)) < cls.state_version:
+            raise StateFormatError(
+                "state layout version 1 (Woodbury Z/S form) is no longer read; rebuild the "
+                "operator from A and the current W"
+            )
         a = st.arrays
         missing = {"A", "W", "Q", "lam_true", "W_sync", "W_base", "M_base", "L", *cls._ACC} - set(a)
         if missing:
@@ -903,30 +1093,33 @@ class KroneckerProjection(Operator):
 
     def _setup_from_state(self, a: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         n, m = self._n, self._m
-        be = self._backend
-        self._Q = a["Q"].astype(np.float64, copy=True)
-        self._Qb = be.asarray(self._Q, self.dtype)
-        A3 = be.asarray(a["A"].reshape(m, n, n), self.dtype)
-        self._At3 = rotate(A3, self._Qb, self.form)
-        self._At = self._At3.reshape(m, n * n)
-        self._At64 = np.asarray(to_numpy(self._At), dtype=np.float64)
-        # Column gathers of Ã become contiguous row gathers of Ãᵀ.
-        self._At64T = np.ascontiguousarray(self._At64.T)
+        self._setup_constraints(
+            np.asarray(a["A"], dtype=np.float64), a["Q"].astype(np.float64, copy=True)
+        )
         self._lam_true = a["lam_true"].astype(np.float64, copy=True)
         self._W_sync = a["W_sync"].astype(np.float64, copy=True)
         self._W_base = a["W_base"].astype(np.float64, copy=True)
         self._sync_diag = bool(meta["sync_diag"])
         self._base_diag = bool(meta["base_diag"])
         self._half = None
-        self._Mbase = a["M_base"].astype(np.float64, copy=True)
-        self._L = a["L"].astype(np.float64, copy=True)
-        k = int(meta["rank"])
-        self._X = a["X"][:, :k].astype(np.float64, copy=True)
-        self._Z = a["Z"][:, :k].astype(np.float64, copy=True)
-        self._S = a["S"][:k, :k].astype(np.float64, copy=True)
-        self._G = a["G"][:k, :k].astype(np.float64, copy=True)
-        self._cols = a["cols"][:k].astype(np.int64, copy=True)
-        self._Klu = self._capacitance(self._G, self._S) if k else None
+        self._wq = None
+        # The factor routines read F-ordered arrays; the same layout as a live
+        # operator keeps the continued run bit-identical.
+        self._Mbase = np.array(a["M_base"], dtype=np.float64, order="F", copy=True)
+        self._L = np.array(a["L"], dtype=np.float64, order="F", copy=True)
+        self._clear_acc()
+        j = int(meta["rank"])
+        if j:
+            self._reserve(j)
+            self._Xb[:, :j] = a["X"][:, :j]
+            self._Vb[:, :j] = a["V"][:, :j]
+            self._j = j
+            self._s = a["s"][:j].astype(np.float64, copy=True)
+            self._G = np.array(a["G"][:j, :j], dtype=np.float64, copy=True)
+            self._cols = a["cols"][:j].astype(np.int64, copy=True)
+            self._cap = _Capacitance(self._G, self._s)
+        cyc = meta["cycle"]
+        self._cycle_cost, self._cycle_n = float(cyc[0]), int(cyc[1])
         c = meta["counters"]
         self._steps, self._restarts = int(c["steps"]), int(c["restarts"])
         self._refreshes, self._pushed = int(c["refreshes"]), int(c["pushed"])
@@ -937,6 +1130,7 @@ class KroneckerProjection(Operator):
             self._pool = SketchPool(self.sketch, n * n, self._rng)
             self._pool.load_meta(meta["pool"])
         self._rng.bit_generator.state = meta["rng"]  # after the pool drew its seed
+        del m
 
     # -- conformance -----------------------------------------------------------------------
     @classmethod
