@@ -232,16 +232,28 @@ class KeyedSVD(Operator):
         E = sp.csr_array(sp.coo_array((w, (r_idx, c_idx)), shape=(m1, n1)))
         E.sum_duplicates()
         first = not self.svd.initialized
-        self.svd.update_sparse(E)
+        events = self.events_seen_ + int(r_keys.size)
+        due = (
+            self.refine_growth is not None
+            and not first
+            and events >= (1.0 + self.refine_growth) * self._events_at_refine
+        )
+        if due:
+            # The refinement recomputes the factors from the whole matrix:
+            # only grow them (zero rows/columns for the new keys) and refine.
+            self.svd.update_sparse(sp.csr_array((m1, n1), dtype=E.dtype))
+        else:
+            self.svd.update_sparse(E)
         self.method_used_ = self.svd.method_used_
-        self.events_seen_ += int(r_keys.size)
+        self.events_seen_ = events
         if self.refine_growth is None:
             return
         self._chunks.append((r_idx.astype(np.int64), c_idx.astype(np.int64), w.copy()))
         if first:
             self._events_at_refine = self.events_seen_  # initialised exactly
-        elif self.events_seen_ >= (1.0 + self.refine_growth) * self._events_at_refine:
+        elif due:
             self.refine()
+            self.method_used_ = "refine"
 
     def matrix(self) -> sp.csr_array:
         """The accumulated matrix A (m×n CSR; needs ``refine_growth`` set)."""

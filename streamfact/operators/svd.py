@@ -83,7 +83,14 @@ class _Side:
         self.n = need
 
     def materialize(self, la: LinAlg) -> np.ndarray:
+        if self.identity:
+            return self.w1.copy()
         return la.mm(self.w1, self.k)
+
+    @property
+    def identity(self) -> bool:
+        """Is K exactly the identity (after a fold)? O(r²)."""
+        return bool(np.array_equal(self.k, np.eye(self.r, dtype=self.k.dtype)))
 
     def loss(self) -> float:
         r = self.r
@@ -423,8 +430,10 @@ class IncrementalSVD(Operator):
         return _Aug(c=c, r=r, q=q)
 
     # -- rotations ----------------------------------------------------------------------
-    def _fold(self, side: _Side, w: np.ndarray) -> None:
-        side.set(w, self._la.mm(w.T, w))
+    def _fold(self, side: _Side, w: np.ndarray, gram: np.ndarray | None = None) -> None:
+        """W1 ← w, K ← I; ``gram`` = wᵀw when the caller knows it from small
+        factors (else one O(d r²) GEMM)."""
+        side.set(w, self._la.mm(w.T, w) if gram is None else gram)
 
     def _rotate_new(
         self, side: _Side, f_top: np.ndarray, new_rows: np.ndarray, factored: bool
@@ -755,14 +764,15 @@ class IncrementalSVD(Operator):
         at = sp.csr_array(a.T) if sp.issparse(a) else None
         eps = float(np.finfo(self._dt).eps)
         rel = 100.0 * eps
-        u = v
-        sig = self._s
-        for _ in range(int(iterations)):
+        n_it = int(iterations)
+        for it in range(n_it):
             y = np.asarray(a @ v) if sp.issparse(a) else la.mm(a, v)
-            t, _ = gram_factor(la.mm(y.T, y), rel)
+            gy = la.mm(y.T, y)
+            t, _ = gram_factor(gy, rel)
             if _gram_cond2(t) > 1e4:
                 # Ill-conditioned block: explicit Cholesky-QR2 for Q.
                 y, _ = cholesky_qr(y, la, rel=rel)
+                gy = la.mm(y.T, y)
                 t = np.eye(y.shape[1], dtype=y.dtype)
             # Q = Y T (implicit). Aᵀ Q = (Aᵀ Y) T; its SVD through the Gram
             # Tᵀ (Z0ᵀ Z0) T = F Σ² Fᵀ: V = Z0 T F Σ⁻¹, U = Y T F.
@@ -774,17 +784,26 @@ class IncrementalSVD(Operator):
             lam, f = lam[pos], f[:, pos]
             sig = np.sqrt(lam)
             tf = t @ f
-            u = la.mm(y, tf)
-            v = la.mm(z0, tf / sig)
+            if it < n_it - 1:
+                v = la.mm(z0, tf / sig)
+        # Last iteration: only the kept columns of U and V, and the extra
+        # right Ritz vectors, each computed straight into a contiguous block.
         keep = sig > self._rtol * (sig[0] if sig.size else 0.0)
         keep[self.rank :] = False
-        self._fold(sides[0], np.ascontiguousarray(u[:, keep]))
-        self._fold(sides[1], np.ascontiguousarray(v[:, keep]))
-        self._s = sig[keep].astype(self.dtype, copy=True)
+        n_keep = int(keep.sum())
+        # The Grams of the new factors follow from the small ones (U = Y T F,
+        # V = Z0 T F Σ⁻¹), so the folds need no extra pass over m or n rows.
+        tf_k = tf[:, :n_keep]
+        gram_u = tf_k.T @ gy @ tf_k
+        gram_v = (f[:, :n_keep].T @ gz @ f[:, :n_keep]) / np.outer(sig[:n_keep], sig[:n_keep])
+        self._fold(sides[0], la.mm(y, tf_k), (gram_u + gram_u.T) / 2)
+        self._fold(sides[1], la.mm(z0, tf_k / sig[:n_keep]), (gram_v + gram_v.T) / 2)
+        extra_v = la.mm(z0, tf[:, n_keep:] / sig[n_keep:])
+        self._s = sig[:n_keep].astype(self.dtype, copy=True)
         self._cache.clear()
         self.n_updates_ += 1
         self._health()
-        return np.ascontiguousarray(v[:, int(keep.sum()) :])
+        return extra_v
 
     def merge(self, other: IncrementalSVD) -> IncrementalSVD:
         """Combine with an operator fed a disjoint set of rows of the same columns.
