@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -10,9 +11,17 @@ import numpy as np
 import scipy.sparse as sp
 
 from streamfact.kernels.backend import resolve_backend, to_numpy
-from streamfact.kernels.eigen_numba import classify_rows, row_sqnorms_csr, row_stats_dense
+from streamfact.kernels.eigen_numba import (
+    absorb_dense,
+    classify_rows,
+    first_nonfinite_row,
+    heavy_basis,
+    row_sqnorms_csr,
+    row_stats_dense,
+)
 from streamfact.operators.base import (
     ConformanceSpec,
+    InvalidInputError,
     NotMergeableError,
     Operator,
     OperatorState,
@@ -32,8 +41,18 @@ BLIND_KAPPA = 8.0
 DEMOTE_SLACK = 2.0
 #: |z| of a block mean against the earlier blocks above which the order is not random.
 ORDER_Z = 6.0
+#: Order-test sums: [count, Σ‖a‖², Σ‖a‖⁴] and [Σp, Σp², Σp⁴] for two probes.
+ORDER_STATS = 9
+#: (sum, sum of squares) slots of the statistics compared across blocks:
+#: ‖a‖², then p and p² for each probe p.
+_ORDER_PAIRS = ((1, 2), (3, 4), (4, 5), (6, 7), (7, 8))
 #: Fewest light rows in a block (and before it) for the order test to run.
 ORDER_MIN_ROWS = 16
+#: Nonzero coordinates of each order-test probe.
+PROBE_NNZ = 32
+#: A heavy row adds a direction to the iterate when its residual against the
+#: earlier heavy rows exceeds this fraction of its norm.
+HEAVY_RTOL = 1e-8
 
 _MODES = ("exact", "heavy_sketch", "sketch")
 
@@ -57,13 +76,42 @@ def _orth(m: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     return np.asarray((q @ u2) / np.sqrt(np.maximum(w2, 1e-300)))
 
 
-def _probe_matrix(dim: int, seed: int) -> np.ndarray:
-    """Two fixed Gaussian probes (d×2, scaled 1/√d) for the order test.
+@functools.lru_cache(maxsize=32)
+def _probe_spec(dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two fixed sparse random probes for the order test: coordinates (2×s) and
+    values ±1/√s (2×s), s = min(d, PROBE_NNZ) distinct coordinates each.
 
-    Regenerated from the seed on each call, so they are not part of the state.
+    A function of (dim, seed) only: not part of the state (a constant table of
+    4·s numbers, cached here). Sparse, so a probe costs s gathers per row, not d.
     """
     rng = np.random.default_rng([int(seed), 0x5EED])
-    return rng.standard_normal((dim, 2)) / math.sqrt(dim)
+    s = min(dim, PROBE_NNZ)
+    idx = np.stack([rng.permutation(dim)[:s] for _ in range(2)]).astype(np.int64)
+    val = rng.choice([-1.0, 1.0], size=(2, s)) / math.sqrt(s)
+    idx.flags.writeable = False
+    val.flags.writeable = False
+    return idx, val
+
+
+def _probe_matrix(dim: int, seed: int) -> np.ndarray:
+    """The probes of :func:`_probe_spec` as a dense d×2 matrix (generic path)."""
+    idx, val = _probe_spec(dim, seed)
+    g = np.zeros((dim, 2))
+    for k in range(2):
+        g[idx[k], k] = val[k]
+    return g
+
+
+def _heavy_q(rows: np.ndarray) -> np.ndarray:
+    """Canonical orthonormal basis (d × r, float64) of the span of ``rows``."""
+    if rows.shape[0] == 0:
+        return np.zeros((rows.shape[1], 0))
+    return np.asarray(heavy_basis(np.ascontiguousarray(rows, dtype=np.float64), HEAVY_RTOL).T)
+
+
+def _bad_rows_error(x: np.ndarray) -> InvalidInputError:
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    return InvalidInputError("rows contains NaN or Inf", rows=bad)
 
 
 class TopEigenvector(Operator):
@@ -183,6 +231,10 @@ class TopEigenvector(Operator):
     (1, True)
     """
 
+    #: 2: ``basis`` holds only the stored columns of the iterate; the first
+    #: ``heavy_in_basis`` heavy rows supply the rest (version 1: all columns).
+    state_version = 2
+
     def __init__(
         self,
         dim: int,
@@ -225,6 +277,8 @@ class TopEigenvector(Operator):
         self.Z_ = _orth(start).astype(self.dtype)
         self.Y_ = np.zeros_like(self.Z_)
         self.H_ = np.zeros((0, d), dtype=self.dtype)
+        # The first h0_ rows of H_ are columns of the iterate (see _iterate).
+        self.h0_ = 0
         self.heavy_fd_: FrequentDirections | None = None
         self.fd_: FrequentDirections | None = None
         # [t, n_guess, block_end, S_L, S_H]
@@ -234,8 +288,8 @@ class TopEigenvector(Operator):
         self.scal_[2] = float(self._block_end())
         self.heavy_seen_ = 0
         # Order test: current block [cnt, Σx, Σx², Σp₁, Σp₁², Σp₂, Σp₂²], earlier blocks the same.
-        self.det_block_ = np.zeros(7)
-        self.det_prev_ = np.zeros(7)
+        self.det_block_ = np.zeros(ORDER_STATS)
+        self.det_prev_ = np.zeros(ORDER_STATS)
         self.order_random_ = True
         self.order_z_ = 0.0
 
@@ -263,70 +317,142 @@ class TopEigenvector(Operator):
         return self.H_
 
     # -- updates --------------------------------------------------------------
+    def _dense_rows(self, rows: Any) -> np.ndarray:
+        """Shape and type checks of :func:`check_matrix`, without its NaN/Inf scan:
+        the fused pass finds non-finite rows from their squared norms."""
+        arr = to_numpy(rows)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2:
+            raise InvalidInputError(f"rows must be 1-D or 2-D, got {arr.ndim}-D")
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+            raise InvalidInputError(f"rows must be real numeric, got dtype {arr.dtype}")
+        if arr.shape[1] != self.dim:
+            raise InvalidInputError(f"rows has {arr.shape[1]} columns, expected {self.dim}")
+        return np.ascontiguousarray(arr, dtype=self.dtype)
+
     def update(self, rows: Any) -> None:
         """Absorb rows (b×d dense or CSR) in stream order."""
+        fused = not sp.issparse(rows) and not self._backend.is_torch and self.fd_ is None
+        if fused:
+            x = self._dense_rows(rows)
+            if x.shape[0]:
+                self._update_fused(x)
+            return
         arr = check_matrix(rows, n_cols=self.dim, dtype=np.dtype(self.dtype), name="rows")
-        n = arr.shape[0]
-        if n == 0:
+        if arr.shape[0] == 0:
             return
         if self.fd_ is not None:
-            self.fd_.update(arr)
-            self.scal_[0] += self.fd_.rows_seen_ - self._fd_seen_before(arr)
+            self._to_fallback(arr)
             return
+        self._update_generic(arr)
+
+    def _to_fallback(self, arr: Any) -> None:
+        assert self.fd_ is not None
+        before = self.fd_.rows_seen_
+        self.fd_.update(arr)
+        self.scal_[0] += self.fd_.rows_seen_ - before
+
+    def _update_fused(self, x: np.ndarray) -> None:
+        """CPU, dense rows: one pass per block segment (:func:`absorb_dense`).
+
+        The kernel works on scratch copies of the counters and of the block sum;
+        they are committed only once every row of the call is known to be finite
+        (the rest of the batch is scanned before a block boundary is crossed), so
+        a rejected batch changes nothing.
+        """
+        n = x.shape[0]
+        flags = np.empty(n, dtype=np.int8)
+        pidx, pval = _probe_spec(self.dim, self.seed)
+        pos, rest_checked = 0, False
+        while pos < n:
+            if self.fd_ is not None:
+                self._to_fallback(x[pos:])
+                return
+            wt = self._iterate_rows()
+            scal, det = self.scal_.copy(), self.det_block_.copy()
+            yt = np.zeros_like(wt)
+            stop = absorb_dense(
+                x, pos, wt, pidx, pval, scal, det, self.c_h_, BLIND_KAPPA, flags, yt
+            )
+            if stop < 0:
+                raise _bad_rows_error(x)
+            if stop < n and not rest_checked:
+                if first_nonfinite_row(x, stop) >= 0:
+                    raise _bad_rows_error(x)
+                rest_checked = True
+            self.scal_, self.det_block_ = scal, det
+            self.Y_ += yt.T.astype(self.dtype, copy=False)
+            heavy = np.flatnonzero(flags[pos:stop] == 1) + pos
+            if heavy.size:
+                self._add_heavy(x[heavy])
+            pos = stop
+            if pos < n:
+                self._end_block()
+
+    def _update_generic(self, arr: Any) -> None:
+        """Sparse rows, or block products on a torch device."""
+        n = arr.shape[0]
+        gt = np.ascontiguousarray(_probe_matrix(self.dim, self.seed).T)
         if sp.issparse(arr):
             csr = sp.csr_array(arr)
             norms2 = row_sqnorms_csr(csr.indptr, csr.data)
-            probes2 = np.asarray(csr @ _probe_matrix(self.dim, self.seed)) ** 2
+            probes = np.asarray(csr @ gt.T)
         else:
-            norms2, probes2 = row_stats_dense(
-                np.ascontiguousarray(arr), _probe_matrix(self.dim, self.seed)
-            )
+            norms2, probes = row_stats_dense(np.ascontiguousarray(arr), gt)
         flags = np.full(n, 2, dtype=np.int8)
         pos = 0
         while pos < n:
             if self.fd_ is not None:
-                rest = arr[pos:]
-                before = self.fd_.rows_seen_
-                self.fd_.update(rest)
-                self.scal_[0] += self.fd_.rows_seen_ - before
+                self._to_fallback(arr[pos:])
                 return
             stop = classify_rows(
-                norms2, probes2, pos, self.scal_, self.det_block_, self.c_h_, BLIND_KAPPA, flags
+                norms2, probes, pos, self.scal_, self.det_block_, self.c_h_, BLIND_KAPPA, flags
             )
             self._absorb(arr, flags, pos, stop)
             pos = stop
             if pos < n:
                 self._end_block()
 
-    def _fd_seen_before(self, arr: Any) -> int:
-        # rows_seen of the fallback before this call (it counts nonzero rows only)
-        from streamfact.operators.frequent_directions import nonzero_rows
-
-        assert self.fd_ is not None
-        return self.fd_.rows_seen_ - int(nonzero_rows(arr).size)
-
     def _absorb(self, arr: Any, flags: np.ndarray, lo: int, hi: int) -> None:
-        seg = flags[lo:hi]
-        heavy = np.flatnonzero(seg == 1) + lo
-        # Light rows come in long contiguous runs between the rare heavy or zero
-        # rows: multiply slices (views) rather than copying the rows out.
-        is_light = np.concatenate([[False], seg == 0, [False]])
-        edges = np.flatnonzero(np.diff(is_light.astype(np.int8)))
-        for start, stop in zip(edges[0::2], edges[1::2], strict=True):
-            self.Y_ += self._gram_times(arr[lo + start : lo + stop], self.Z_)
+        seg_flags = flags[lo:hi]
+        heavy = np.flatnonzero(seg_flags == 1) + lo
+        light = seg_flags == 0
+        if light.any():
+            seg = arr[lo:hi]
+            w = self._iterate()
+            be = self._backend
+            if be.is_torch:
+                xt = be.asarray(seg.toarray() if sp.issparse(seg) else seg, self.dtype)
+                ut = (xt @ be.asarray(w, self.dtype)) * be.asarray(
+                    light[:, None].astype(self.dtype), self.dtype
+                )
+                self.Y_ += to_numpy(xt.T @ ut).astype(self.dtype)
+            else:
+                u = np.asarray(seg @ w.astype(self.dtype))
+                u[~light] = 0.0
+                self.Y_ += np.asarray(seg.T @ u, dtype=self.dtype)
         if heavy.size:
             picked = arr[heavy]
             dense = picked.toarray() if sp.issparse(picked) else picked
             self._add_heavy(np.asarray(dense, dtype=self.dtype))
 
-    def _gram_times(self, x: Any, z: np.ndarray) -> np.ndarray:
-        """``xᵀ(x z)`` on the configured device."""
-        be = self._backend
-        if be.is_torch:
-            xt = be.asarray(x.toarray() if sp.issparse(x) else x, self.dtype)
-            zt = be.asarray(z, self.dtype)
-            return to_numpy(xt.T @ (xt @ zt)).astype(self.dtype)
-        return np.asarray(x.T @ (x @ z), dtype=self.dtype)
+    def _iterate_rows(self) -> np.ndarray:
+        """``_iterate().T`` as a C-contiguous m×d array (the kernel's layout)."""
+        z = self.Z_
+        if not self.h0_:
+            return np.ascontiguousarray(z.T, dtype=np.float64)
+        q = heavy_basis(np.ascontiguousarray(self.H_[: self.h0_], dtype=np.float64), HEAVY_RTOL)
+        return np.vstack([z.T, q])
+
+    def _iterate(self) -> np.ndarray:
+        """The block-power iterate W (d × m, float64, orthonormal): the stored
+        columns ``Z_`` and, in exact mode, the canonical basis of the first
+        ``h0_`` heavy rows (recomputed, not stored). ``Y_`` accumulates ``L W``."""
+        z = self.Z_.astype(np.float64)
+        if self.h0_:
+            z = np.hstack([z, _heavy_q(self.H_[: self.h0_])])
+        return z
 
     def _add_heavy(self, rows: np.ndarray) -> None:
         """Store heavy rows (already validated, nonzero), in stream order."""
@@ -335,7 +461,11 @@ class TopEigenvector(Operator):
             self.H_ = np.vstack([self.H_, rows])
             return
         if self.heavy_fd_ is None:
-            # Past the budget: the heavy store becomes a Frequent Directions sketch.
+            # Past the budget: the heavy store becomes a Frequent Directions sketch,
+            # and the heavy columns of the iterate are stored explicitly from now on.
+            if self.h0_:
+                self.Z_ = np.hstack([self.Z_, _heavy_q(self.H_[: self.h0_]).astype(self.dtype)])
+                self.h0_ = 0
             self.heavy_fd_ = FrequentDirections(
                 self.dim, self.sketch_size, dtype=self.dtype, device=self.device
             )
@@ -353,10 +483,10 @@ class TopEigenvector(Operator):
         cur, prev = self.det_block_, self.det_prev_
         if cur[0] >= ORDER_MIN_ROWS and prev[0] >= ORDER_MIN_ROWS:
             zmax = 0.0
-            for k in range(3):
-                m_c, m_p = cur[1 + 2 * k] / cur[0], prev[1 + 2 * k] / prev[0]
-                v_c = max(cur[2 + 2 * k] / cur[0] - m_c * m_c, 0.0)
-                v_p = max(prev[2 + 2 * k] / prev[0] - m_p * m_p, 0.0)
+            for i1, i2 in _ORDER_PAIRS:
+                m_c, m_p = cur[i1] / cur[0], prev[i1] / prev[0]
+                v_c = max(cur[i2] / cur[0] - m_c * m_c, 0.0)
+                v_p = max(prev[i2] / prev[0] - m_p * m_p, 0.0)
                 se = math.sqrt(v_c / cur[0] + v_p / prev[0])
                 scale = max(abs(m_c), abs(m_p), 1e-300)
                 if se > 1e-12 * scale:
@@ -385,7 +515,7 @@ class TopEigenvector(Operator):
         self.scal_[2] = float(self._block_end())
 
     def _power_step(self) -> None:
-        z = self.Z_.astype(np.float64)
+        z = self._iterate()
         g = self._heavy_matrix().astype(np.float64)
         mz = self.Y_.astype(np.float64) * self._light_scale()
         if g.shape[0]:
@@ -393,28 +523,33 @@ class TopEigenvector(Operator):
         if self.heavy_fd_ is None:
             self._demote()
             g = self.H_.astype(np.float64)
-        q_h = _orth(g.T) if g.shape[0] else np.zeros((self.dim, 0))
-        b = min(self.width, self.dim - q_h.shape[1])
-        resid = mz - q_h @ (q_h.T @ mz)
+        q_h = _heavy_q(g)
+        r = q_h.shape[1]
+        b = min(self.width, self.dim - r)
         cols = np.zeros((self.dim, 0))
         if b > 0:
+            resid = mz - q_h @ (q_h.T @ mz) if r else mz
             w, u = np.linalg.eigh(resid.T @ resid)
-            order = np.argsort(w)[::-1]
-            top = float(w[order[0]]) if w.size else 0.0
-            good = [i for i in order[:b] if w[i] > 1e-20 * max(top, 1e-300) and w[i] > 0]
+            top = float(w[-1]) if w.size else 0.0
+            good = [i for i in range(w.size - 1, -1, -1)[:b] if w[i] > 1e-20 * top and w[i] > 0]
             if good:
                 cols = (resid @ u[:, good]) / np.sqrt(w[good])
             if cols.shape[1] < b:
                 # Not enough new directions (all mass in span H): keep old power columns.
-                old = z[:, : self.Z_.shape[1]] - q_h @ (q_h.T @ z)
-                cols = np.hstack([cols, old])
-        basis = _orth(np.hstack([q_h, cols]) if q_h.shape[1] else cols)
-        # Heavy directions first in the span, then b power columns (re-extracted).
-        power = basis - q_h @ (q_h.T @ basis) if q_h.shape[1] else basis
-        power = _orth(power)[:, :b] if b > 0 else np.zeros((self.dim, 0))
-        new_z = np.hstack([power, q_h])
-        self.Z_ = new_z.astype(self.dtype)
-        self.Y_ = np.zeros_like(self.Z_)
+                cols = np.hstack([cols, z])
+        # Gram–Schmidt over [heavy rows, new columns]: the first r rows reproduce
+        # q_h exactly (the same sequence of operations), the next ones are the b
+        # power columns orthogonalised against span(H) and each other.
+        rows = heavy_basis(np.ascontiguousarray(np.vstack([g, cols.T])), HEAVY_RTOL)
+        power = rows[r : r + b].T if b > 0 else np.zeros((self.dim, 0))
+        if self.heavy_fd_ is None:
+            # The heavy columns stay implicit: _iterate() rebuilds q_h from H.
+            self.Z_ = power.astype(self.dtype)
+            self.h0_ = int(self.H_.shape[0])
+        else:
+            self.Z_ = np.hstack([power, q_h]).astype(self.dtype)
+            self.h0_ = 0
+        self.Y_ = np.zeros((self.dim, power.shape[1] + r), dtype=self.dtype)
 
     def _demote(self) -> None:
         if self.H_.shape[0] == 0:
@@ -432,8 +567,8 @@ class TopEigenvector(Operator):
             self.H_ = self.H_[~low]
 
     def _light_summary(self) -> np.ndarray:
-        """Rows R with RᵀR ≈ the light Gram of the rows seen, restricted to span Z."""
-        z = self.Z_.astype(np.float64)
+        """Rows R with RᵀR ≈ the light Gram of the rows seen, restricted to span W."""
+        z = self._iterate()
         ly = self.Y_.astype(np.float64) * self._light_scale()
         t = z.T @ ly
         w, u = np.linalg.eigh((t + t.T) / 2)
@@ -448,6 +583,7 @@ class TopEigenvector(Operator):
             fd.update(seeds.astype(self.dtype))
         self.fd_ = fd
         self.heavy_fd_ = None
+        self.h0_ = 0
         self.H_ = np.zeros((0, self.dim), dtype=self.dtype)
         self.Z_ = np.zeros((self.dim, 0), dtype=self.dtype)
         self.Y_ = np.zeros((self.dim, 0), dtype=self.dtype)
@@ -462,7 +598,7 @@ class TopEigenvector(Operator):
     def _ritz(self) -> tuple[np.ndarray, float]:
         if self.fd_ is not None:
             return self.fd_.vector, self.fd_.eigenvalue
-        z = self.Z_.astype(np.float64)
+        z = self._iterate()
         g = self._heavy_matrix().astype(np.float64)
         ly = self.Y_.astype(np.float64) * self._light_scale()
         q = np.zeros((self.dim, 0))
@@ -549,6 +685,7 @@ class TopEigenvector(Operator):
             "epoch_start": int(self.epoch_start_),
             "block_index": int(self.block_index_),
             "heavy_seen": int(self.heavy_seen_),
+            "heavy_in_basis": int(self.h0_),
             "order_block": [float(x) for x in self.det_block_],
             "order_prev": [float(x) for x in self.det_prev_],
             "order_random": bool(self.order_random_),
@@ -567,17 +704,28 @@ class TopEigenvector(Operator):
         check_state_class(st, cls)
         op = cls(**st.meta["params"])
         z, y, h = st.arrays["basis"], st.arrays["light_product"], st.arrays["heavy"]
-        if z.shape[0] != op.dim or y.shape != z.shape or h.ndim != 2 or h.shape[1] != op.dim:
+        if z.ndim != 2 or y.ndim != 2 or h.ndim != 2 or h.shape[1] != op.dim:
             raise StateFormatError("state arrays do not match dim")
+        # Version-1 states keep every iterate column in "basis" (h0 = 0).
+        h0 = int(st.meta.get("heavy_in_basis", 0))
+        if not 0 <= h0 <= h.shape[0]:
+            raise StateFormatError("heavy_in_basis out of range")
+        if z.shape[0] != op.dim or y.shape != (op.dim, z.shape[1] + _heavy_q(h[:h0]).shape[1]):
+            raise StateFormatError("light_product does not match the iterate")
         op.Z_ = z.astype(op.dtype, copy=True)
         op.Y_ = y.astype(op.dtype, copy=True)
         op.H_ = h.astype(op.dtype, copy=True)
+        op.h0_ = h0
         op.scal_ = np.array(st.meta["counters"], dtype=np.float64)
         op.epoch_start_ = int(st.meta["epoch_start"])
         op.block_index_ = int(st.meta["block_index"])
         op.heavy_seen_ = int(st.meta["heavy_seen"])
         op.det_block_ = np.array(st.meta["order_block"], dtype=np.float64)
         op.det_prev_ = np.array(st.meta["order_prev"], dtype=np.float64)
+        if op.det_block_.shape != (ORDER_STATS,) or op.det_prev_.shape != (ORDER_STATS,):
+            # Version-1 order statistics (other probes): the test restarts.
+            op.det_block_ = np.zeros(ORDER_STATS)
+            op.det_prev_ = np.zeros(ORDER_STATS)
         op.order_random_ = bool(st.meta["order_random"])
         op.order_z_ = float(st.meta["order_z"])
         for name in ("heavy_sketch", "sketch"):
