@@ -33,6 +33,7 @@ import argparse  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy.linalg as sla  # noqa: E402
@@ -89,7 +90,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _window_stats(t_op: list[float], t_ref: list[float], rounds: int) -> dict[str, float]:
+def _window_stats(t_op: list[float], t_ref: list[float], rounds: int) -> dict[str, Any]:
     """Split interleaved per-step timings into ``rounds`` consecutive windows.
 
     Each window's mean is an amortised per-step cost (restart cycles included);

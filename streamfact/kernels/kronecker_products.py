@@ -94,13 +94,13 @@ def coordinates_of(
 
     "ww": every pair (a, b) with a or b in the set, ``k = 2rn − r²``; "wi": the
     rows a in the set, ``k = rn`` (kronecker.md §4). With ``symmetric=True``
-    ("ww" with symmetric ``Ã_i``, where columns (a, b) and (b, a) of ``Ã`` are
-    equal) each unordered pair is one coordinate ``a·n + b`` with ``a ≤ b``, so
-    ``k = rn − r(r−1)/2``. Sorted, unique.
+    (symmetric ``A_i`` rotated on both sides, ``Â_i = QᵀA_iQ``, where columns
+    (a, b) and (b, a) are equal; both forms) each unordered pair is one
+    coordinate ``a·n + b`` with ``a ≤ b``, so ``k = rn − r(r−1)/2``. Sorted, unique.
     """
     idx = np.asarray(indices, dtype=np.int64)
     rows = (idx[:, None] * n + np.arange(n)[None, :]).ravel()
-    if form == "sqrt_w_kron_sqrt_w":
+    if form == "sqrt_w_kron_sqrt_w" or symmetric:
         cols = (np.arange(n)[:, None] * n + idx[None, :]).ravel()
         flat = np.concatenate([rows, cols])
         if symmetric:

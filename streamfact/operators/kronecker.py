@@ -214,10 +214,11 @@ def _fold(M: np.ndarray, X: np.ndarray, s: np.ndarray) -> np.ndarray:
     Two symmetric rank-k products (``dsyrk``), one for the positive and one for the
     negative weights, so only ``m²k`` flops and no m×m temporary.
     """
+    XT = X.T  # row gathers of an F-ordered X are contiguous
     for sign in (1.0, -1.0):
         sel = s * sign > 0
         if sel.any():
-            Y = np.asfortranarray(X[:, sel] * np.sqrt(np.abs(s[sel]))[None, :])
+            Y = (XT[sel] * np.sqrt(np.abs(s[sel]))[:, None]).T
             M = _blas.dsyrk(sign, Y, beta=1.0, c=M, trans=0, lower=1, overwrite_c=1)
     return M
 
@@ -301,28 +302,50 @@ class KroneckerProjection(Operator):
     ``√c``, ``Ã``, ``M⁻¹``, ``Ãᵀ``, ``√c`` and rotates back (§3), in
     ``O(m n² + m² + n³)``.
 
+    **Symmetric constraints.** When every ``A_i`` is symmetric (the SDP case;
+    detected at construction) both forms rotate on both sides, ``Â_i = QᵀA_iQ``,
+    whose columns (a, b) and (b, a) are equal, and work on the ``n(n+1)/2``
+    unordered pairs: ``M = Σ_{a≤b} w_ab Â_ab Â_abᵀ`` with
+    ``w_ab = mult·λ_aλ_b`` ("ww") or ``mult·(λ_a² + λ_b²)/2`` ("wi", from
+    ``tr(A_iW²A_j) = tr(Â_iΛ²Â_j)``), ``mult = 2`` off the diagonal. Changing r
+    eigenvalues then changes ``k = rn − r(r−1)/2`` pair weights instead of
+    ``2rn − r²`` ("ww"), and ``Â`` (stored once, ``n(n+1)/2 × m``) halves the
+    memory traffic of queries and the flops of a recomputation. Otherwise the
+    coordinates are the ``n²`` entries of ``Ã``.
+
     **Updates as a factored Woodbury correction.** The state is the Cholesky
-    factor ``L`` of a base ``M̃`` plus an accumulated correction
-    ``M = M̃ + X S Xᵀ`` (``X`` m×k, ``S`` k×k symmetric). Changing r eigenvalues
-    changes ``k = 2rn − r²`` ("ww") or ``rn`` ("wi") coordinate weights: ``X``
-    gathers those columns of ``Ã`` and ``S = diag(Δc)``; a coordinate changed
-    twice keeps one column. Queries use the form that never inverts ``S`` (§4)::
+    factor ``L`` of a base ``M̃`` plus accumulated weighted columns,
+    ``M = M̃ + X diag(s) Xᵀ`` (``X`` m×j gathers columns of ``Â``/``Ã``,
+    ``s = Δw``; a coordinate changed twice keeps one column). With
+    ``V = L⁻¹X`` (one triangular solve per new column block),
+    ``G = VᵀV`` and ``s = AΣA`` (``A = diag(√|s|)``, ``Σ = diag(±1)``),
+    queries use the symmetric form that never inverts ``s`` (§4)::
 
-        M⁻¹ = M̃⁻¹ − Z (I + S Xᵀ Z)⁻¹ S Zᵀ,     Z = M̃⁻¹ X,
+        M⁻¹ = L⁻ᵀ (I − VA C⁻¹ AVᵀ) L⁻¹,     C = Σ + A G A,
 
-    so ``Δc`` may be negative or zero. A general ``ΔW = U C Uᵀ`` appends
-    ``X = [Ã(Ũ⊗I), Ã(I⊗Ũ)]``, ``S = blkdiag(C⊗Ŵ', Ŵ⊗C)`` ("ww") or
-    ``X = Ã(V⊗I)``, ``S = S_V⊗I`` ("wi") with ``Ũ = QᵀU`` (§5). When the
-    Woodbury step would cost more than a restart (or the accumulated rank would
-    pass ``restart_rank``) the correction is folded
-    (``M̃ ← M̃ + X S Xᵀ``, ``O(m²k)``) and ``M̃`` refactored by Cholesky
-    (``m³/3``; never an explicit inverse); every ``refresh_every`` restarts ``M̃``
-    is recomputed from scratch (``O(m²n²)``) to bound round-off drift (§8.1).
+    so weight changes may be negative or zero; ``C`` is factored by Cholesky
+    (all ``s ≥ 0``) or Bunch–Kaufman, ``j³/3``. A general ``ΔW = U C Uᵀ``
+    appends the §5 factors ``[Ã(Ũ⊗I), Ã(I⊗Ũ)]``, ``blkdiag(C⊗Ŵ', Ŵ⊗C)`` ("ww")
+    or ``Ã(V⊗I)``, ``S_V⊗I`` ("wi"), ``Ũ = QᵀU``, diagonalised through their
+    Kronecker factors (symmetric ``A_i`` merge the two "ww" blocks into
+    ``Â(Ũ⊗I)``, ``C⊗(Ŵ + Ŵ')``: rank rn).
+
+    **Restarts** fold the columns into ``M̃`` (two ``dsyrk``, ``m²j``) and
+    refactor it by Cholesky (``m³/3``; never an explicit inverse). The rule is a
+    renewal rule: restart when the modelled cost of the next append
+    (:func:`~streamfact.kernels.kronecker_products.woodbury_step_cost`) exceeds
+    the mean cost per update of the current cycle (the restart plus the appends
+    since), or when the rank would pass ``restart_rank``. Every
+    ``refresh_every`` restarts ``M̃`` is recomputed from scratch (``O(m²n²)``)
+    to bound round-off drift (§8.1).
 
     **Lazy mode** (§6, CLS19-style): an eigenvalue is pushed only when
-    ``|log(λ/λ̃)| > epsilon``; queries use the synced ``λ̃`` everywhere, so the
-    answer is the exact projection for ``λ̃``. Once ``W`` leaves the fixed
-    eigenbasis (a non-diagonal ``update_weight``) every change is pushed.
+    ``|log(λ/λ̃)|`` exceeds :attr:`push_threshold` (``epsilon`` for "ww",
+    ``epsilon/2`` for "wi", whose B-row weights move twice as much per unit
+    drift); queries use the synced ``λ̃`` everywhere, so the answer is the exact
+    projection for ``λ̃``, measured within ``epsilon/2`` of ``P h`` for both
+    forms. Once ``W`` leaves the fixed eigenbasis (a non-diagonal
+    ``update_weight``) every change is pushed.
 
     **Sketched coordinates** (§6–7): ``project_coordinates(h, idx)`` answers
     ``(P h)_i ≈ ⟨R P e_i, R P h⟩`` from a pool of ``⌈√T⌉`` independent sketches
@@ -342,7 +365,8 @@ class KroneckerProjection(Operator):
     mode:
         ``"exact"`` (push every change) or ``"lazy"``.
     epsilon:
-        Lazy threshold on ``|log(λ/λ̃)|``.
+        Lazy accuracy: eigenvalues are pushed when ``|log(λ/λ̃)|`` exceeds
+        ``epsilon`` ("ww") or ``epsilon/2`` ("wi"), see :attr:`push_threshold`.
     sketch:
         :class:`SketchSpec` enabling ``project_coordinates``; ``None`` disables it.
     seed:
@@ -351,11 +375,10 @@ class KroneckerProjection(Operator):
         Cap on the accumulated Woodbury rank; ``None`` means ``m``.
     cost_ratio:
         Measured time per Cholesky flop over time per triangular-solve flop
-        (:func:`~streamfact.kernels.kronecker_products.measure_cost_ratio`). A
-        step restarts instead of appending Woodbury columns when its predicted
-        Woodbury cost ``2m²k + 2mjk + mk² + ⅔(j+k)³`` exceeds
-        ``cost_ratio · m³/3`` (the fold ``M̃ += XSXᵀ`` is owed either way), or
-        when the rank would pass ``restart_rank``. 1.0 is the pure flop model.
+        (:func:`~streamfact.kernels.kronecker_products.measure_cost_ratio`); it
+        scales the modelled restart cost ``m³/3`` that opens each restart cycle
+        (the fold ``M̃ += X diag(s) Xᵀ`` is owed either way). 1.0 is the pure flop
+        model.
     refresh_every:
         Recompute ``M̃`` from scratch every this many restarts.
     dtype:
@@ -377,13 +400,17 @@ class KroneckerProjection(Operator):
 
     Notes
     -----
-    Memory ``O(m n² + m² + m·restart_rank)`` (``Ã`` is held twice, m×n² for
-    queries and n²×m for contiguous column gathers). Time per step with Woodbury rank
-    ``k`` and accumulated rank ``j``: ``O(m²k + mjk + j³)``; a restart
-    ``O(m²j + m³)``; a full refresh ``O(m²n²)`` (plus ``O(mn³)`` when W has left
-    the eigenbasis). Query ``O(m n² + m² + mj + n³)``. Construction ``O(m n³ +
-    m²n² + m³)``. Equations refer to the research notes (kronecker.md §3–§8); the
-    paper's own theorems are not reproduced here.
+    Memory ``O(m n² + m² + m·restart_rank)``: ``Â`` once as ``n(n+1)/2 × m``
+    (symmetric ``A_i``; else ``Ã`` as ``n² × m``; a second copy only for float32
+    or torch), ``M̃`` and ``L`` (m×m each), ``X`` and ``V`` (m×j). Time per step
+    with k new columns and accumulated rank ``j``: ``O(m²k + mjk + (j+k)³)``; a
+    restart ``O(m²j + m³)``; a full refresh ``O(m²n²)`` (plus ``O(mn³)`` when W
+    has left the eigenbasis). Query ``O(m n² + m² + mj + n³)``. Construction
+    ``O(m n³ + m²n² + m³)``. State layout (version 2): ``A``, ``W``, ``Q``, ``λ``,
+    ``λ̃``, the base weights, ``M̃``, ``L`` and the accumulator ``X``, ``V``,
+    ``s``, ``G``, ``cols`` padded to ``restart_rank``. Equations refer to the
+    research notes (kronecker.md §3–§8); the paper's own theorems are not
+    reproduced here.
 
     References
     ----------
@@ -485,7 +512,6 @@ class KroneckerProjection(Operator):
         self._sync_diag = True
         self._base_diag = True
         self._half: dict[str, Any] | None = None
-        self._wq: Any = None
         self._Mbase = self._gram(self._W_sync, True)
         try:
             self._L = _cholesky(self._Mbase)
@@ -506,16 +532,17 @@ class KroneckerProjection(Operator):
         A3 = A64.reshape(m, n, n)
         asym = np.abs(A3 - A3.transpose(0, 2, 1)).max(axis=(1, 2))
         scale = np.abs(A3).max(axis=(1, 2))
-        self._symA = bool((asym <= 16 * np.finfo(np.float64).eps * scale).all())
-        self._sym = self._symA and self.form == "sqrt_w_kron_sqrt_w"
+        self._sym = bool((asym <= 16 * np.finfo(np.float64).eps * scale).all())
+        # Symmetric A_i: both forms use the two-sided rotation Â_i = QᵀA_iQ, packed.
+        self._frame = "sqrt_w_kron_sqrt_w" if self._sym else self.form
         iu0, iu1, where = packed_positions(n)
-        if self._symA:
+        if self._sym:
             self._iu = (be.asarray(iu0, "int64"), be.asarray(iu1, "int64"))
             self._offdiag = be.asarray((iu0 != iu1).astype(np.float64), self.dtype)
-        At3 = rotate(be.asarray(A3, self.dtype), self._Qb, self.form)
+        At3 = rotate(be.asarray(A3, self.dtype), self._Qb, self._frame)
         if self._sym:
-            # Ã_i = QᵀA_iQ is symmetric up to round-off; averaging the two triangles
-            # makes columns (a, b) and (b, a) of Ã equal, so they merge into one.
+            # Â_i is symmetric up to round-off; averaging the two triangles makes
+            # columns (a, b) and (b, a) of Â equal, so they merge into one.
             Ac = (At3[..., iu0, iu1] + At3[..., iu1, iu0]) / 2
             self._unit_of = np.where(where >= 0, where, where.reshape(n, n).T.ravel())
             self._ua, self._ub = iu0, iu1
@@ -533,13 +560,6 @@ class KroneckerProjection(Operator):
         if not be.is_torch and np.dtype(self.dtype) == np.float64:
             Ac = self._AcT64.T
         self._Ac = Ac
-        self._Ap: Any = None
-        if self._symA and not self._sym:
-            # "wi" with symmetric A_i: queries run in the original frame on the packed
-            # A, ⟨A_i, sym(WH)⟩ and W·Σy_iA_i, half the memory traffic of Ã.
-            A3b = be.asarray(A3, self.dtype)
-            ib0, ib1 = self._iu
-            self._Ap = (A3b[..., ib0, ib1] + A3b[..., ib1, ib0]) / 2
 
     def _full_At3(self, backend: bool) -> Any:
         """Rotated constraints as m×n×n (backend dtype, or float64 numpy); O(m n²) memory."""
@@ -590,7 +610,7 @@ class KroneckerProjection(Operator):
             Bc = self._Ac * be.asarray(np.sqrt(np.maximum(w, 0.0)), self.dtype)
         else:
             B3 = apply_weight(self._full_At3(True), self.form, **self._weight_kwargs(W_sync, False))
-            if self._sym:
+            if self._sym and self.form == "sqrt_w_kron_sqrt_w":
                 iu0, iu1 = self._iu
                 Bc = B3[..., iu0, iu1] * be.asarray(np.sqrt(self._mult), self.dtype)
             else:
@@ -607,10 +627,17 @@ class KroneckerProjection(Operator):
 
     # -- Woodbury bookkeeping ------------------------------------------------------
     def _unit_weight(self, lam: np.ndarray, units: np.ndarray) -> np.ndarray:
-        """Weight of coordinate units in M: ``mult·λ_aλ_b`` ("ww") or ``λ_a²`` ("wi")."""
+        """Weight of coordinate units in ``M = Σ_u w_u Ã_u Ã_uᵀ``.
+
+        "ww": ``mult·λ_aλ_b``. "wi": ``λ_a²`` in the one-sided frame; with symmetric
+        ``A_i`` in the two-sided frame ``tr(A_iW²A_j) = Σ_ab λ_b² Â_iab Â_jab``, so the
+        pair {a, b} weighs ``mult·(λ_a² + λ_b²)/2``.
+        """
         a = self._ua[units]
         if self.form == "sqrt_w_kron_sqrt_w":
             return self._mult[units] * lam[a] * lam[self._ub[units]]
+        if self._sym:
+            return self._mult[units] * (lam[a] ** 2 + lam[self._ub[units]] ** 2) / 2
         return lam[a] ** 2
 
     def _cycle_mean(self) -> float:
@@ -700,7 +727,6 @@ class KroneckerProjection(Operator):
         self._W_sync = W_sync
         self._sync_diag = sync_diag
         self._half = None
-        self._wq = None
 
     def _push_diag(self, lam_sync_new: np.ndarray, changed: np.ndarray) -> None:
         """Diagonal-weight Woodbury step for eigenvalues ``changed`` (§4)."""
@@ -883,14 +909,8 @@ class KroneckerProjection(Operator):
         n, q = self._n, H.shape[0]
         be = self._backend
         Hb = be.asarray(H.reshape(q, n, n), self.dtype)
-        if self._Ap is not None:
-            Wq = self._original_weight()
-            rhs = self._Ap @ pack_symmetric(Wq @ Hb, *self._iu, self._offdiag).T
-            y = self._solve(np.asarray(to_numpy(rhs), dtype=np.float64))
-            S = unpack_symmetric((self._Ap.T @ be.asarray(y, self.dtype)).T, *self._iu, n)
-            return np.asarray(to_numpy((Wq @ S).reshape(q, n * n)), dtype=self.dtype)
         wk = self._weights()
-        Z3 = apply_weight(rotate(Hb, self._Qb, self.form), self.form, **wk)
+        Z3 = apply_weight(rotate(Hb, self._Qb, self._frame), self.form, **wk)
         if self._sym:
             Zc = pack_symmetric(Z3, *self._iu, self._offdiag)
         else:
@@ -902,16 +922,8 @@ class KroneckerProjection(Operator):
             back = unpack_symmetric(backc, *self._iu, n)
         else:
             back = backc.reshape(q, n, n)
-        out = unrotate(apply_weight(back, self.form, **wk), self._Qb, self.form)
+        out = unrotate(apply_weight(back, self.form, **wk), self._Qb, self._frame)
         return np.asarray(to_numpy(out.reshape(q, n * n)), dtype=self.dtype)
-
-    def _original_weight(self) -> Any:
-        """The synced W in the original frame, ``Q Ŵ Qᵀ`` (backend, cached per weight change)."""
-        if self._wq is None:
-            Wr = self._W_sync
-            W = self._Q @ Wr @ self._Q.T
-            self._wq = self._backend.asarray((W + W.T) / 2, self.dtype)
-        return self._wq
 
     def project(self, h: Any) -> np.ndarray:
         """``P h`` for one vector (n²,) or a batch (q×n²), row-major vec. O(q(mn² + n³) + m²q)."""
@@ -1102,7 +1114,6 @@ class KroneckerProjection(Operator):
         self._sync_diag = bool(meta["sync_diag"])
         self._base_diag = bool(meta["base_diag"])
         self._half = None
-        self._wq = None
         # The factor routines read F-ordered arrays; the same layout as a live
         # operator keeps the continued run bit-identical.
         self._Mbase = np.array(a["M_base"], dtype=np.float64, order="F", copy=True)
