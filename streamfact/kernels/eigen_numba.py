@@ -20,7 +20,6 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 __all__ = [
     "absorb_dense",
     "classify_rows",
-    "first_nonfinite_row",
     "heavy_basis",
     "oja_csr",
     "oja_dense",
@@ -314,10 +313,11 @@ def _norm_and_dots(
 
 @numba.njit(cache=True, fastmath=_FAST)
 def _light_update(
-    x: np.ndarray, i: int, wt: np.ndarray, yt: np.ndarray, c: np.ndarray
+    x: np.ndarray, i: int, wt: np.ndarray, p: int, yt: np.ndarray, gk: np.ndarray, c: np.ndarray
 ) -> None:  # pragma: no cover - compiled
-    """``yt += c aᵀ`` for row i, with ``c = W a``; ``c[0], c[1]`` are given and
-    the rest are computed here. Two columns per loop over the row."""
+    """Light row i: ``c = W a`` (``c[0], c[1]`` given, the rest computed here),
+    ``yt += c[:p] aᵀ`` for the p power columns (two per loop over the row), and
+    ``gk += c[p:] c[p:]ᵀ`` for the heavy columns (a small Gram, no pass over a)."""
     d = x.shape[1]
     m = wt.shape[0]
     k = 2
@@ -337,7 +337,7 @@ def _light_update(
             c0 += float(x[i, j]) * wt[k, j]
         c[k] = c0
     k = 0
-    while k + 1 < m:
+    while k + 1 < p:
         c0 = c[k]
         c1 = c[k + 1]
         for j in range(d):
@@ -345,10 +345,14 @@ def _light_update(
             yt[k, j] += c0 * v
             yt[k + 1, j] += c1 * v
         k += 2
-    if k < m:
+    if k < p:
         c0 = c[k]
         for j in range(d):
             yt[k, j] += c0 * float(x[i, j])
+    for r1 in range(m - p):
+        cr = c[p + r1]
+        for r2 in range(m - p):
+            gk[r1, r2] += cr * c[p + r2]
 
 
 @numba.njit(cache=True)
@@ -366,6 +370,7 @@ def absorb_dense(
     x: np.ndarray,
     start: int,
     wt: np.ndarray,
+    p: int,
     pidx: np.ndarray,
     pval: np.ndarray,
     scal: np.ndarray,
@@ -374,6 +379,7 @@ def absorb_dense(
     kappa: float,
     flags: np.ndarray,
     yt: np.ndarray,
+    gk: np.ndarray,
 ) -> int:  # pragma: no cover - compiled
     """TopEigenvector's whole per-row work in one pass over dense rows.
 
@@ -383,12 +389,13 @@ def absorb_dense(
     test: it is finite unless an entry is not, or it overflows) together with
     its products with the first two columns of W, the heavy test, and for a
     light row the two sparse order-test projections (``pidx``/``pval``, 2×s) and
-    the power-iteration update ``yt += (W a) aᵀ`` (``wt`` = Wᵀ, m×d; ``yt``
-    m×d). With ``m = 0`` it only classifies.
+    the power-iteration update: ``yt += (Wₚᵀa) aᵀ`` for the first ``p`` (power)
+    columns of W and ``gk += (Wₖᵀa)(Wₖᵀa)ᵀ`` for the other k (heavy) columns
+    (``wt`` = Wᵀ, m×d; ``yt`` p×d; ``gk`` k×k). With ``m = 0`` it only classifies.
 
     Returns the index of the first row not consumed (a row that would start
     the next block), or ``-(i + 1)`` when row ``i`` holds NaN or Inf: then the
-    caller discards ``scal``, ``det``, ``flags`` and ``yt``, which are scratch.
+    caller discards ``scal``, ``det``, ``flags``, ``yt`` and ``gk`` (scratch).
     """
     n = x.shape[0]
     m = wt.shape[0]
@@ -429,25 +436,12 @@ def absorb_dense(
             if m:
                 c[0] = c0
                 c[1] = c1
-                _light_update(x, i, wt, yt, c)
+                _light_update(x, i, wt, p, yt, gk, c)
         i += 1
     scal[0] = t
     scal[3] = s_light
     scal[4] = s_heavy
     return i
-
-
-@numba.njit(cache=True, fastmath=_FAST)
-def first_nonfinite_row(x: np.ndarray, start: int) -> int:  # pragma: no cover - compiled
-    """Index of the first row ``≥ start`` with a NaN or Inf entry, or -1.
-
-    A vectorised sum of squares per row; only a row whose sum is not finite
-    (a bad entry, or overflow) is scanned entry by entry.
-    """
-    for i in range(start, x.shape[0]):
-        if not np.isfinite(_row_sqnorm(x, i)) and _row_has_nonfinite(x, i):
-            return i
-    return -1
 
 
 @numba.njit(cache=True, fastmath=_FAST)

@@ -14,7 +14,6 @@ from streamfact.kernels.backend import resolve_backend, to_numpy
 from streamfact.kernels.eigen_numba import (
     absorb_dense,
     classify_rows,
-    first_nonfinite_row,
     heavy_basis,
     row_sqnorms_csr,
     row_stats_dense,
@@ -55,6 +54,12 @@ PROBE_NNZ = 32
 HEAVY_RTOL = 1e-8
 
 _MODES = ("exact", "heavy_sketch", "sketch")
+#: Attributes an update may change (see TopEigenvector._snapshot).
+_MUTABLE = (
+    "Z_", "Y_", "G_", "H_", "h0_", "p_", "scal_", "det_block_", "det_prev_",
+    "order_random_", "order_z_", "block_index_", "epoch_start_", "heavy_seen_",
+    "heavy_fd_", "fd_",
+)
 
 
 def _orth(m: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
@@ -231,9 +236,11 @@ class TopEigenvector(Operator):
     (1, True)
     """
 
-    #: 2: ``basis`` holds only the stored columns of the iterate; the first
-    #: ``heavy_in_basis`` heavy rows supply the rest (version 1: all columns).
-    state_version = 2
+    #: 3: ``basis`` holds only the stored columns of the iterate (the first
+    #: ``heavy_in_basis`` heavy rows supply the rest); ``light_product`` covers the
+    #: ``power_columns`` only and ``heavy_light_gram`` the heavy ones. Versions
+    #: 1 (all columns stored) and 2 load too.
+    state_version = 3
 
     def __init__(
         self,
@@ -277,8 +284,12 @@ class TopEigenvector(Operator):
         self.Z_ = _orth(start).astype(self.dtype)
         self.Y_ = np.zeros_like(self.Z_)
         self.H_ = np.zeros((0, d), dtype=self.dtype)
-        # The first h0_ rows of H_ are columns of the iterate (see _iterate).
+        # The first p_ columns of Z_ are power columns (Y_ holds L·Z_[:, :p_]);
+        # the rest of Z_ and the first h0_ rows of H_ give the heavy columns K,
+        # on which only the light Gram KᵀLK (G_) is kept (see _iterate).
+        self.p_ = int(self.Z_.shape[1])
         self.h0_ = 0
+        self.G_ = np.zeros((0, 0), dtype=self.dtype)
         self.heavy_fd_: FrequentDirections | None = None
         self.fd_: FrequentDirections | None = None
         # [t, n_guess, block_end, S_L, S_H]
@@ -353,36 +364,61 @@ class TopEigenvector(Operator):
         self.fd_.update(arr)
         self.scal_[0] += self.fd_.rows_seen_ - before
 
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of everything an update mutates (O((b + h)·d + ℓ·d) floats)."""
+        snap: dict[str, Any] = {}
+        for name in _MUTABLE:
+            value = getattr(self, name)
+            snap[name] = value.copy() if isinstance(value, np.ndarray) else value
+        if self.heavy_fd_ is not None:
+            snap["heavy_fd_"] = FrequentDirections.from_state(self.heavy_fd_.state())
+        return snap
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        for name, value in snap.items():
+            setattr(self, name, value)
+
     def _update_fused(self, x: np.ndarray) -> None:
         """CPU, dense rows: one pass per block segment (:func:`absorb_dense`).
 
-        The kernel works on scratch copies of the counters and of the block sum;
-        they are committed only once every row of the call is known to be finite
-        (the rest of the batch is scanned before a block boundary is crossed), so
-        a rejected batch changes nothing.
+        The kernel finds NaN/Inf rows from their squared norms in the same pass
+        and works on scratch copies of the counters and block sums, committed
+        after each segment. A batch that crosses a block boundary is validated
+        only as it goes: the state is snapshotted (a few small copies) before its
+        first commit and restored if a later row is rejected, so a rejected batch
+        changes nothing, without a separate NaN scan over the rows.
         """
         n = x.shape[0]
         flags = np.empty(n, dtype=np.int8)
         pidx, pval = _probe_spec(self.dim, self.seed)
-        pos, rest_checked = 0, False
+        pos = 0
+        snap: dict[str, Any] | None = None
         while pos < n:
             if self.fd_ is not None:
-                self._to_fallback(x[pos:])
+                try:
+                    self._to_fallback(x[pos:])
+                except InvalidInputError:
+                    if snap is not None:
+                        self._restore(snap)
+                    raise _bad_rows_error(x) from None
                 return
             wt = self._iterate_rows()
+            p, k = self.p_, wt.shape[0] - self.p_
             scal, det = self.scal_.copy(), self.det_block_.copy()
-            yt = np.zeros_like(wt)
+            yt = np.zeros((p, self.dim))
+            gk = np.zeros((k, k))
             stop = absorb_dense(
-                x, pos, wt, pidx, pval, scal, det, self.c_h_, BLIND_KAPPA, flags, yt
+                x, pos, wt, p, pidx, pval, scal, det, self.c_h_, BLIND_KAPPA, flags, yt, gk
             )
             if stop < 0:
+                if snap is not None:
+                    self._restore(snap)
                 raise _bad_rows_error(x)
-            if stop < n and not rest_checked:
-                if first_nonfinite_row(x, stop) >= 0:
-                    raise _bad_rows_error(x)
-                rest_checked = True
+            if stop < n and snap is None:
+                snap = self._snapshot()
             self.scal_, self.det_block_ = scal, det
             self.Y_ += yt.T.astype(self.dtype, copy=False)
+            self.G_ += gk.astype(self.dtype, copy=False)
             heavy = np.flatnonzero(flags[pos:stop] == 1) + pos
             if heavy.size:
                 self._add_heavy(x[heavy])
@@ -421,17 +457,20 @@ class TopEigenvector(Operator):
         if light.any():
             seg = arr[lo:hi]
             w = self._iterate()
+            p = self.p_
             be = self._backend
             if be.is_torch:
                 xt = be.asarray(seg.toarray() if sp.issparse(seg) else seg, self.dtype)
                 ut = (xt @ be.asarray(w, self.dtype)) * be.asarray(
                     light[:, None].astype(self.dtype), self.dtype
                 )
-                self.Y_ += to_numpy(xt.T @ ut).astype(self.dtype)
+                self.Y_ += to_numpy(xt.T @ ut[:, :p]).astype(self.dtype)
+                self.G_ += to_numpy(ut[:, p:].T @ ut[:, p:]).astype(self.dtype)
             else:
                 u = np.asarray(seg @ w.astype(self.dtype))
                 u[~light] = 0.0
-                self.Y_ += np.asarray(seg.T @ u, dtype=self.dtype)
+                self.Y_ += np.asarray(seg.T @ u[:, :p], dtype=self.dtype)
+                self.G_ += (u[:, p:].T @ u[:, p:]).astype(self.dtype)
         if heavy.size:
             picked = arr[heavy]
             dense = picked.toarray() if sp.issparse(picked) else picked
@@ -446,13 +485,34 @@ class TopEigenvector(Operator):
         return np.vstack([z.T, q])
 
     def _iterate(self) -> np.ndarray:
-        """The block-power iterate W (d × m, float64, orthonormal): the stored
-        columns ``Z_`` and, in exact mode, the canonical basis of the first
-        ``h0_`` heavy rows (recomputed, not stored). ``Y_`` accumulates ``L W``."""
+        """The block-power iterate W = [P, K] (d × m, float64, orthonormal).
+
+        P = ``Z_[:, :p_]`` are the power columns, with ``Y_ = L̂_block P`` (d×p).
+        K are the heavy columns: the rest of ``Z_`` (heavy-sketch mode) and, in
+        exact mode, the canonical basis of the first ``h0_`` heavy rows
+        (recomputed from H, not stored). On K only the light Gram
+        ``G_ = KᵀL̂_block K`` is kept (k×k instead of d×k).
+        """
         z = self.Z_.astype(np.float64)
         if self.h0_:
             z = np.hstack([z, _heavy_q(self.H_[: self.h0_])])
         return z
+
+    def _light_times_iterate(self, w: np.ndarray) -> np.ndarray:
+        """L̂W (d×m) for the light Gram L̂ of the block, scaled to the stream.
+
+        ``L̂P`` is exact (``Y_``); ``L̂K`` is its Galerkin part inside span W,
+        ``P(PᵀL̂K) + K(KᵀL̂K)`` with ``PᵀL̂K = (L̂P)ᵀK`` — so ``WᵀL̂W`` is exact,
+        and only the part of ``L̂K`` outside span W is not kept.
+        """
+        scale = self._light_scale()
+        p = self.p_
+        lp = self.Y_.astype(np.float64) * scale
+        pw, kw = w[:, :p], w[:, p:]
+        if kw.shape[1] == 0:
+            return lp
+        lk = pw @ (lp.T @ kw) + kw @ (self.G_.astype(np.float64) * scale)
+        return np.hstack([lp, lk])
 
     def _add_heavy(self, rows: np.ndarray) -> None:
         """Store heavy rows (already validated, nonzero), in stream order."""
@@ -517,7 +577,7 @@ class TopEigenvector(Operator):
     def _power_step(self) -> None:
         z = self._iterate()
         g = self._heavy_matrix().astype(np.float64)
-        mz = self.Y_.astype(np.float64) * self._light_scale()
+        mz = self._light_times_iterate(z)
         if g.shape[0]:
             mz += g.T @ (g @ z)
         if self.heavy_fd_ is None:
@@ -549,7 +609,9 @@ class TopEigenvector(Operator):
         else:
             self.Z_ = np.hstack([power, q_h]).astype(self.dtype)
             self.h0_ = 0
-        self.Y_ = np.zeros((self.dim, power.shape[1] + r), dtype=self.dtype)
+        self.p_ = int(power.shape[1])
+        self.Y_ = np.zeros((self.dim, self.p_), dtype=self.dtype)
+        self.G_ = np.zeros((r, r), dtype=self.dtype)
 
     def _demote(self) -> None:
         if self.H_.shape[0] == 0:
@@ -569,7 +631,7 @@ class TopEigenvector(Operator):
     def _light_summary(self) -> np.ndarray:
         """Rows R with RᵀR ≈ the light Gram of the rows seen, restricted to span W."""
         z = self._iterate()
-        ly = self.Y_.astype(np.float64) * self._light_scale()
+        ly = self._light_times_iterate(z)
         t = z.T @ ly
         w, u = np.linalg.eigh((t + t.T) / 2)
         keep = w > 0
@@ -584,9 +646,11 @@ class TopEigenvector(Operator):
         self.fd_ = fd
         self.heavy_fd_ = None
         self.h0_ = 0
+        self.p_ = 0
         self.H_ = np.zeros((0, self.dim), dtype=self.dtype)
         self.Z_ = np.zeros((self.dim, 0), dtype=self.dtype)
         self.Y_ = np.zeros((self.dim, 0), dtype=self.dtype)
+        self.G_ = np.zeros((0, 0), dtype=self.dtype)
 
     def merge(self, other: TopEigenvector) -> TopEigenvector:
         raise NotMergeableError(
@@ -600,7 +664,7 @@ class TopEigenvector(Operator):
             return self.fd_.vector, self.fd_.eigenvalue
         z = self._iterate()
         g = self._heavy_matrix().astype(np.float64)
-        ly = self.Y_.astype(np.float64) * self._light_scale()
+        ly = self._light_times_iterate(z)
         q = np.zeros((self.dim, 0))
         if g.shape[0]:
             # Heavy directions outside span Z (rows that arrived in this block).
@@ -659,7 +723,7 @@ class TopEigenvector(Operator):
     @property
     def state_size(self) -> int:
         """Floats held in the state arrays (measured from the arrays)."""
-        held = self.Z_.size + self.Y_.size + self.H_.size
+        held = self.Z_.size + self.Y_.size + self.H_.size + self.G_.size
         for fd in (self.heavy_fd_, self.fd_):
             if fd is not None:
                 held += fd.buffer_.size
@@ -676,6 +740,7 @@ class TopEigenvector(Operator):
             "basis": self.Z_.copy(),
             "light_product": self.Y_.copy(),
             "heavy": self.H_.copy(),
+            "heavy_light_gram": self.G_.copy(),
         }
         meta: dict[str, Any] = {
             "class": type(self).__name__,
@@ -686,6 +751,7 @@ class TopEigenvector(Operator):
             "block_index": int(self.block_index_),
             "heavy_seen": int(self.heavy_seen_),
             "heavy_in_basis": int(self.h0_),
+            "power_columns": int(self.p_),
             "order_block": [float(x) for x in self.det_block_],
             "order_prev": [float(x) for x in self.det_prev_],
             "order_random": bool(self.order_random_),
@@ -706,15 +772,31 @@ class TopEigenvector(Operator):
         z, y, h = st.arrays["basis"], st.arrays["light_product"], st.arrays["heavy"]
         if z.ndim != 2 or y.ndim != 2 or h.ndim != 2 or h.shape[1] != op.dim:
             raise StateFormatError("state arrays do not match dim")
-        # Version-1 states keep every iterate column in "basis" (h0 = 0).
+        # Version 1 keeps every iterate column in "basis" (h0 = 0); versions 1-2
+        # keep L̂W for every column. Both load as "all stored columns are power
+        # columns", with L̂K of the implicit heavy columns reduced to KᵀL̂K.
         h0 = int(st.meta.get("heavy_in_basis", 0))
-        if not 0 <= h0 <= h.shape[0]:
-            raise StateFormatError("heavy_in_basis out of range")
-        if z.shape[0] != op.dim or y.shape != (op.dim, z.shape[1] + _heavy_q(h[:h0]).shape[1]):
-            raise StateFormatError("light_product does not match the iterate")
+        if not 0 <= h0 <= h.shape[0] or z.shape[0] != op.dim or y.shape[0] != op.dim:
+            raise StateFormatError("state arrays do not match dim")
+        q0 = _heavy_q(h[:h0])
+        if int(st.meta.get("state_version", 1)) < 3:
+            p = z.shape[1]
+            if y.shape[1] != p + q0.shape[1]:
+                raise StateFormatError("light_product does not match the iterate")
+            gk = q0.T @ y[:, p:].astype(np.float64)
+            gram = (gk + gk.T) / 2
+            y = y[:, :p]
+        else:
+            p = int(st.meta["power_columns"])
+            gram = st.arrays["heavy_light_gram"]
+            k = z.shape[1] - p + q0.shape[1]
+            if not 0 <= p <= z.shape[1] or y.shape != (op.dim, p) or gram.shape != (k, k):
+                raise StateFormatError("light_product does not match the iterate")
         op.Z_ = z.astype(op.dtype, copy=True)
         op.Y_ = y.astype(op.dtype, copy=True)
         op.H_ = h.astype(op.dtype, copy=True)
+        op.G_ = np.asarray(gram, dtype=op.dtype).copy()
+        op.p_ = p
         op.h0_ = h0
         op.scal_ = np.array(st.meta["counters"], dtype=np.float64)
         op.epoch_start_ = int(st.meta["epoch_start"])

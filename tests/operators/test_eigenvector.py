@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 from streamfact.kernels.backend import cuda_available
-from streamfact.operators.base import NotMergeableError
+from streamfact.operators.base import InvalidInputError, NotMergeableError
 from streamfact.operators.eigenvector import TopEigenvector
 from streamfact.operators.oja import OjaEigenvector
 
@@ -237,6 +237,43 @@ def test_order_detector_fires_on_sorted_streams_only() -> None:
         # (cluster-sorted, flagged at block 3: the summary of the first blocks
         # keeps only span Z); plain FD(8) from the start gets 0.9999.
         assert corr(op.vector, v1) >= 0.95
+
+
+def _state_equal(a: TopEigenvector, b: TopEigenvector) -> None:
+    sa, sb = a.state(), b.state()
+    assert sa.meta == sb.meta
+    assert sa.arrays.keys() == sb.arrays.keys()
+    for k in sa.arrays:
+        np.testing.assert_array_equal(sa.arrays[k], sb.arrays[k], err_msg=k)
+
+
+@pytest.mark.parametrize("stream", ["shuffled", "norm-sorted"])
+def test_rejected_batch_across_block_boundaries_changes_nothing(stream: str) -> None:
+    # The NaN row sits two block boundaries (every 1000 rows) into the batch, so
+    # blocks were closed before it is found (and, norm-sorted, the order test has
+    # already switched to the FD fallback): the update must still leave no trace.
+    shuffled, by_norm, _ = sorted_streams(2)
+    a = shuffled if stream == "shuffled" else by_norm
+    n, d = a.shape
+    a = a.copy()
+    a[1300, 7] = 60.0  # a heavy row inside the rejected batch
+    # heavy_budget=0: heavy rows go to the FD heavy sketch, which must be restored too.
+    op = TopEigenvector(d, stream_length=n, heavy_budget=0, seed=0)
+    ref = TopEigenvector(d, stream_length=n, heavy_budget=0, seed=0)
+    for t in (op, ref):
+        t.update(a[:900])
+    bad = a[900:3900].copy()
+    bad[2500, 3] = np.nan
+    with pytest.raises(InvalidInputError) as info:
+        op.update(bad)
+    assert info.value.rows is not None and info.value.rows.tolist() == [2500]
+    _state_equal(op, ref)
+    for t in (op, ref):
+        t.update(a[900:3900])
+    assert op.mode == ("heavy_sketch" if stream == "shuffled" else "sketch")
+    for t in (op, ref):
+        t.update(a[3900:])
+    np.testing.assert_array_equal(op.vector, ref.vector)
 
 
 def test_heavy_budget_degrades_to_frequent_directions() -> None:
