@@ -116,23 +116,42 @@ class Method:
 
 
 class Streamfact(Method):
-    def __init__(self, method: str, **kw: Any) -> None:
+    """IncrementalSVD; with ``refine_every`` N, one warm-started refinement
+    against the current matrix after every N-th update (oversampled
+    directions carried from one refinement to the next)."""
+
+    def __init__(self, method: str, refine_every: int = 0, **kw: Any) -> None:
         self.method = method
         self.kw = kw
-        self.name = f"streamfact {method}"
+        self.refine_every = refine_every
+        suffix = f"+refine/{refine_every}" if refine_every else ""
+        self.name = f"streamfact {method}{suffix}"
 
     def start(self, a0: sp.csr_array, k: int) -> None:
         self.op = IncrementalSVD(k, method=self.method, **self.kw)
         self.op.initialize(a0)
+        self.step = 0
+        self.extra: np.ndarray | None = None
+
+    def _maybe_refine(self, a: sp.csr_array) -> None:
+        self.step += 1
+        if self.refine_every and self.step % self.refine_every == 0:
+            ex = self.extra
+            if ex is not None and ex.shape[0] < a.shape[1]:
+                ex = np.concatenate([ex, np.zeros((a.shape[1] - ex.shape[0], ex.shape[1]))])
+            self.extra = self.op.refine(a, oversample=32, extra=ex)
 
     def rows(self, e: sp.csr_array, a: sp.csr_array) -> None:
         self.op.append_rows(e)
+        self._maybe_refine(a)
 
     def cols(self, e: sp.csr_array, a: sp.csr_array) -> None:
         self.op.append_columns(e)
+        self._maybe_refine(a)
 
     def lowrank(self, b: sp.csr_array, c: sp.csr_array, a: sp.csr_array) -> None:
         self.op.update_low_rank(b, c)
+        self._maybe_refine(a)
 
     def factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.op.U, self.op.s, self.op.V
@@ -175,6 +194,42 @@ class Recompute(Method):
 
     def factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.u, self.s, self.v
+
+
+class GensimPeer(Method):
+    """gensim LsiModel (V-only: U is recovered as A V S⁻¹ for scoring, untimed)."""
+
+    name = "gensim LsiModel"
+
+    def start(self, a0: sp.csr_array, k: int) -> None:
+        from gensim.matutils import Sparse2Corpus
+        from gensim.models import LsiModel
+
+        self.k = k
+        self.a = a0
+        self.n = a0.shape[1]
+        corpus = Sparse2Corpus(sp.csr_matrix(a0), documents_columns=False)
+        self.lsi = LsiModel(
+            corpus,
+            num_topics=k,
+            id2word={i: str(i) for i in range(self.n)},
+            chunksize=1000,
+            power_iters=2,
+            extra_samples=100,
+            random_seed=0,
+        )
+
+    def rows(self, e: sp.csr_array, a: sp.csr_array) -> None:
+        from gensim.matutils import Sparse2Corpus
+
+        self.lsi.add_documents(Sparse2Corpus(sp.csr_matrix(e), documents_columns=False))
+        self.a = a
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        v = np.asarray(self.lsi.projection.u)[:, : self.k]
+        s = np.asarray(self.lsi.projection.s)[: self.k]
+        u = np.asarray(self.a @ v) / s
+        return u, s, v
 
 
 class IncSVDPeer(Method):
@@ -235,8 +290,13 @@ class Score:
 
 
 def score(
-    a: sp.csr_array, u: np.ndarray, s: np.ndarray, v: np.ndarray, s_ref: np.ndarray,
-    v_ref: np.ndarray, a_fro2: float,
+    a: sp.csr_array,
+    u: np.ndarray,
+    s: np.ndarray,
+    v: np.ndarray,
+    s_ref: np.ndarray,
+    v_ref: np.ndarray,
+    a_fro2: float,
 ) -> Score:
     k = s_ref.size
     s_pad = np.zeros(k)
@@ -251,8 +311,11 @@ def score(
     cos_full[: cosines.size] = cosines[:k]
     orth = float(np.linalg.norm(u.T @ u - np.eye(u.shape[1]), 2))
     return Score(
-        float(rel.mean()), float(rel[:10].mean()), float(np.sqrt(resid2 / opt2) - 1.0),
-        float(np.mean(np.sqrt(1.0 - cos_full**2))), orth,
+        float(rel.mean()),
+        float(rel[:10].mean()),
+        float(np.sqrt(resid2 / opt2) - 1.0),
+        float(np.mean(np.sqrt(1.0 - cos_full**2))),
+        orth,
     )
 
 
@@ -275,8 +338,13 @@ def _bind(
 
 
 def run_scenario(
-    name: str, a_full: sp.csr_array, k: int, methods: list[Method], batches: int,
-    batch_rows: int, seed: int,
+    name: str,
+    a_full: sp.csr_array,
+    k: int,
+    methods: list[Method],
+    batches: int,
+    batch_rows: int,
+    seed: int,
 ) -> list[tuple[str, float, Score, str]]:
     m, n = a_full.shape
     rng = np.random.default_rng(seed)
@@ -343,6 +411,49 @@ def run_scenario(
     ]
 
 
+def run_scaling(ms: list[int], args: argparse.Namespace) -> None:
+    """Per-update cost of row appends as m grows, nnz ∝ m, batch size fixed.
+
+    For each m: the operator starts from the first m − batches·batch_rows rows
+    (its initial svds is not timed), appends ``batches`` batches, and is
+    compared with one ``svds`` recompute of the final matrix (timed) — its
+    top-10 singular-value error against that svds is reported.
+    """
+    print(
+        f"\n### scaling: n {args.n}, k {args.k}, {args.batches} appends of "
+        f"{args.batch_rows} rows, method deng\n"
+    )
+    print(
+        "| m | nnz | s/update (streamfact deng) | svds recompute s | speed-up "
+        "| top-10 s err | orth_U |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for m in ms:
+        a_full = make_workload(m, args.n, args.seed)
+        m0 = m - args.batches * args.batch_rows
+        op = IncrementalSVD(args.k, method="deng", seed=args.seed)
+        op.initialize(sp.csr_array(a_full[:m0]))
+        t_upd = 0.0
+        for step in range(args.batches):
+            lo = m0 + step * args.batch_rows
+            e = sp.csr_array(a_full[lo : lo + args.batch_rows])
+            t0 = time.perf_counter()
+            op.append_rows(e)
+            t_upd += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        v0 = np.random.default_rng(args.seed).uniform(-1, 1, min(a_full.shape))
+        s_ref = np.sort(spla.svds(a_full, k=args.k, v0=v0, return_singular_vectors=False))[::-1]
+        t_svds = time.perf_counter() - t0
+        per = t_upd / args.batches
+        top10 = float(np.max(np.abs(op.s[:10] - s_ref[:10]) / s_ref[:10]))
+        orth = max(op.orthogonality_loss(exact=True))
+        print(
+            f"| {m} | {a_full.nnz} | {per:.4f} | {t_svds:.2f} | {t_svds / per:.0f}× | "
+            f"{top10:.1e} | {orth:.1e} |"
+        )
+        sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--m", type=int, default=20000)
@@ -355,15 +466,30 @@ def main() -> None:
     ap.add_argument("--incsvd", default=None, help="directory from which `import IncSVD` works")
     ap.add_argument("--incsvd-methods", default="ZhaSimon-orig,GKL-sparse,RPI-sparse")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gensim", action="store_true", help="add gensim's LsiModel (row scenarios)")
+    ap.add_argument(
+        "--scaling",
+        default="",
+        help="comma list of m for the scaling run, e.g. "
+        "50000,200000,1000000 (row appends of --batch-rows at fixed n)",
+    )
     args = ap.parse_args()
     if args.incsvd:
         sys.path.insert(0, args.incsvd)
     ctx = threadpool_limits(1) if threadpool_limits is not None else contextlib.nullcontext()
     with ctx:
+        if args.scaling:
+            run_scaling([int(x) for x in args.scaling.split(",")], args)
+            return
         for scen in args.scenarios.split(","):
             drift = args.m // 2 if scen == "rows_drift" else None
             a_full = make_workload(args.m, args.n, args.seed, drift_from=drift)
-            methods: list[Method] = [Streamfact(mn) for mn in args.methods.split(",") if mn]
+            methods: list[Method] = []
+            for mn in filter(None, args.methods.split(",")):
+                base, _, every = mn.partition("+refine")
+                methods.append(Streamfact(base, refine_every=int(every or 0)))
+            if args.gensim and scen in ("rows", "rows_drift", "rows_small"):
+                methods.append(GensimPeer())
             methods += [Recompute("svds", args.seed), Recompute("randomized", args.seed)]
             if args.incsvd:
                 for spec in args.incsvd_methods.split(","):
@@ -373,12 +499,16 @@ def main() -> None:
                 scen, a_full, args.k, methods, args.batches, args.batch_rows, args.seed
             )
             print(f"\n### {scen}: A {args.m}×{args.n}, nnz {a_full.nnz}, k {args.k}\n")
-            print("| method | s/update | sv_rel mean | sv_rel top10 | frob_excess | subspace_V "
-                  "| orth_U | cond Ku/Kv |")
+            print(
+                "| method | s/update | sv_rel mean | sv_rel top10 | frob_excess | subspace_V "
+                "| orth_U | cond Ku/Kv |"
+            )
             print("|---|---|---|---|---|---|---|---|")
             for name, t, sc, cond in rows:
-                print(f"| {name} | {t:.4g} | {sc.sv_mean:.3g} | {sc.sv_top10:.3g} | "
-                      f"{sc.frob_excess:.3g} | {sc.subspace_v:.3g} | {sc.orth_u:.2g} | {cond} |")
+                print(
+                    f"| {name} | {t:.4g} | {sc.sv_mean:.3g} | {sc.sv_top10:.3g} | "
+                    f"{sc.frob_excess:.3g} | {sc.subspace_v:.3g} | {sc.orth_u:.2g} | {cond} |"
+                )
             sys.stdout.flush()
 
 

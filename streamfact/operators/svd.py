@@ -92,11 +92,18 @@ class _Side:
         """Is K exactly the identity (after a fold)? O(r²)."""
         return bool(np.array_equal(self.k, np.eye(self.r, dtype=self.k.dtype)))
 
-    def loss(self) -> float:
+    def loss(self, bound: float | None = None) -> float:
+        """‖WᵀW − I‖₂ from the tracked Gram, O(r³). With ``bound``, the
+        Frobenius norm (an upper bound) is returned when it is ≤ ``bound``,
+        which spares the eigenvalue solve in the common healthy case."""
         r = self.r
         if r == 0:
             return 0.0
         g = self.k.T @ self.gram @ self.k - np.eye(r, dtype=self.k.dtype)
+        if bound is not None:
+            fro = float(np.linalg.norm(g))
+            if fro <= bound:
+                return fro
         return float(np.max(np.abs(np.linalg.eigvalsh((g + g.T) / 2))))
 
 
@@ -113,10 +120,15 @@ class _Aug:
 
 
 def _cond(k: np.ndarray) -> float:
+    """2-norm condition number of a small square k, from the eigenvalues of
+    kᵀk (cheaper than an SVD; accurate far beyond the reset thresholds)."""
     if k.shape[0] == 0:
         return 1.0
-    sv = np.linalg.svd(k, compute_uv=False)
-    return float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+    lam = np.linalg.eigvalsh(k.T @ k)
+    if lam[0] <= 0.0:
+        sv = np.linalg.svd(k, compute_uv=False)
+        return float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+    return float(np.sqrt(lam[-1] / lam[0]))
 
 
 def _gram_cond2(t: np.ndarray) -> float:
@@ -171,14 +183,21 @@ class IncrementalSVD(Operator):
       :class:`streamfact.kernels.svd_updates.ZSpace`). When the batch touches
       more than ``sparse_fraction`` of the rows of V, or some direction of V
       lives almost entirely on the touched rows, the residual is formed
-      densely, still without rotating V1.
+      densely, still without rotating V1. Row and column appends first try
+      the QR-free Gram form (notes §3.5): the top-k eigenpairs of the
+      (k+p)×(k+p) Gram ``M Mᵀ = [S², S C; Cᵀ S, EEᵀ]`` replace both the
+      residual QR and the core SVD; it is used only while
+      ε(θ_1/θ_k)² ≤ 1e-9 (never in float32), else the QR form runs.
     * ``"gkl"`` / ``"rpi"``: the new directions are approximated by
       ``n_directions`` Golub–Kahan–Lanczos vectors (Vecharynski & Saad 2014) or
       a randomized power iteration with ``power_iterations`` steps (Yamazaki et
       al. 2015), run in the same factored, sparse representation.
     * ``"auto"``: ``"deng"`` when the batch is sparse or small (fewer rows than
       half the side it extends), else ``"zha-simon"``. Only exact methods are
-      chosen automatically; the choice of the last update is ``method_used_``.
+      chosen automatically by the three updates; :meth:`update_sparse` (a
+      batch of keyed events) switches to the approximate ``"rpi-sparse"``
+      path for batches touching more than ``sketch_above`` rows/columns. The
+      choice of the last update is ``method_used_``.
 
     Numerical health: ``K_u``, ``K_v`` are running products of non-orthogonal
     k×k factors; when ``cond(K)`` would exceed ``reset_cond`` the factor is
@@ -238,8 +257,10 @@ class IncrementalSVD(Operator):
     Cost of appending p rows with r = k, u touched columns:
 
     * ``"zha-simon"``: O(n p (k + p) + (k + p)³ + (m + n) k²).
-    * ``"deng"``, sparse path: O(nnz(E) k + u p (k + p) + u k² + (k + p)³),
-      independent of m and of n; dense path: O(n p (k + p) + (k + p)³). A K
+    * ``"deng"``, Gram form: O(nnz(E)(k + p) + nnz(EEᵀ) + (k + p)³ + u k²)
+      with a subset eigensolver on the (k+p)² Gram; sparse path:
+      O(nnz(E) k + u p (k + p) + u k² + (k + p)³), independent of m and of n;
+      dense path: O(n p (k + p) + (k + p)³). A K
       reset adds O((m + n) k²) and happens only when ``cond(K) > reset_cond``.
     * ``"gkl"``/``"rpi"``: O((nnz(E) + u k) l t + (k + p)³).
 
@@ -507,6 +528,9 @@ class IncrementalSVD(Operator):
         sides = self._require_init()
         new, aug_side = sides[new_idx], sides[1 - new_idx]
         method = self._choose(y, new.n)
+        if method == "deng" and new_left is None and self._append_gram(new, aug_side, y):
+            self._after(method)
+            return
         factored = method != "zha-simon"
         aug = self._augment(aug_side, y, method)
         r = self._s.shape[0]
@@ -517,6 +541,73 @@ class IncrementalSVD(Operator):
         self._rotate_aug(aug_side, aug, g[:r], g[r:], factored)
         self._s = theta.astype(self.dtype, copy=False)
         self._after(method)
+
+    def _append_gram(self, new: _Side, aug_side: _Side, y: Any) -> bool:
+        """The QR-free Gram form of an append (notes §3.5), in factored form.
+
+        With ``C = Wᵀ Y`` (W the side being augmented), the Gram of the core
+        ``M Mᵀ = [S², S C; Cᵀ S, YᵀY]`` gives ``F``, ``θ²`` (top k eigenpairs),
+        then ``W_new' = [W_new F_top; F_bot]`` and ``W' = (W S F_top + Y F_bot)
+        θ⁻¹`` — no residual, no QR and no orthogonalisation of p vectors.
+        Only the rows of W touched by Y change (Deng et al.'s extended
+        decomposition). Cost O(nnz(Y)(k + p) + (k + p)³ + u k²). Eigenvalues
+        carry relative error ~ε(θ_1/θ_i)², so the form is used only while
+        ε(θ_1/θ_k)² ≤ 1e-9 (never in float32); otherwise returns False and the
+        caller runs the QR form.
+        """
+        r = self._s.shape[0]
+        if r == 0 or aug_side.r != r:
+            return False
+        eps = float(np.finfo(self._dt).eps)
+        if sp.issparse(y):
+            # The new vectors as rows (p×d), compacted to the touched rows of W.
+            et = sp.csr_array(y.T)
+            uid = np.unique(et.indices)
+            ec = sp.csr_array(
+                (et.data, np.searchsorted(uid, et.indices), et.indptr),
+                shape=(et.shape[0], uid.size),
+            )
+            y_u: Any = sp.csr_array(ec.T)
+            wu = aug_side.w1[uid] @ aug_side.k
+            c = np.asarray(ec @ wu).T
+            yty = np.asarray((ec @ y_u).toarray())
+        else:
+            uid = np.arange(aug_side.n)
+            y_u = np.asarray(y)
+            wu = aug_side.materialize(self._la)
+            c = self._la.mm(wu.T, y_u)
+            yty = self._la.mm(y_u.T, y_u)
+        p = c.shape[1]
+        s = self._s
+        sc = s[:, None] * c
+        g = np.empty((r + p, r + p), dtype=self._dt)
+        g[:r, :r] = np.diag(s * s)
+        g[:r, r:] = sc
+        g[r:, :r] = sc.T
+        g[r:, r:] = (yty + yty.T) / 2
+        n_top = min(self.rank, r + p)
+        if r + p <= 256:
+            lam, f = np.linalg.eigh(g)
+            lam, f = lam[::-1][:n_top], f[:, ::-1][:, :n_top]
+        else:
+            lam, f = sla.eigh(
+                g, subset_by_index=[r + p - n_top, r + p - 1], driver="evx", check_finite=False
+            )
+            lam, f = lam[::-1], f[:, ::-1]
+        if lam.size == 0 or lam[0] <= 0.0:
+            return False
+        theta = np.sqrt(np.maximum(lam, 0.0))
+        keep = theta > self._rtol * theta[0]
+        theta, f = theta[keep], f[:, keep]
+        if eps * (theta[0] / theta[-1]) ** 2 > 1e-9:
+            return False
+        f_top, f_bot = f[:r], f[r:]
+        d = np.asarray(y_u @ f_bot) / theta
+        self._rotate_new(new, f_top, f_bot, True)
+        self._apply_step(aug_side, uid, (s[:, None] * f_top) / theta, d)
+        self._s = theta.astype(self.dtype, copy=False)
+        self.n_sparse_updates_ += 1
+        return True
 
     def append_rows(self, X: Any) -> None:
         """``A ← [A; X]`` for X (p×n), dense or sparse. The first call initialises."""
@@ -687,7 +778,8 @@ class IncrementalSVD(Operator):
 
     def _health(self) -> None:
         sides = self._require_init()
-        if max(sides[0].loss(), sides[1].loss()) > self._orth_tol:
+        tol = self._orth_tol
+        if max(sides[0].loss(bound=tol), sides[1].loss(bound=tol)) > tol:
             self.reorthogonalize()
 
     def reorthogonalize(self) -> None:
