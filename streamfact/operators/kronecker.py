@@ -218,8 +218,9 @@ def _fold(M: np.ndarray, X: np.ndarray, s: np.ndarray) -> np.ndarray:
     for sign in (1.0, -1.0):
         sel = s * sign > 0
         if sel.any():
-            Y = (XT[sel] * np.sqrt(np.abs(s[sel]))[:, None]).T
-            M = _blas.dsyrk(sign, Y, beta=1.0, c=M, trans=0, lower=1, overwrite_c=1)
+            YT = XT[sel]
+            YT *= np.sqrt(np.abs(s[sel]))[:, None]
+            M = _blas.dsyrk(sign, YT.T, beta=1.0, c=M, trans=0, lower=1, overwrite_c=1)
     return M
 
 
@@ -271,13 +272,15 @@ class _Capacitance:
 
 
 def _cholesky(M: np.ndarray) -> np.ndarray:
-    """Lower Cholesky factor (F-ordered) of the F-ordered ``M`` (lower triangle read).
+    """Lower Cholesky factor (F-ordered, upper triangle not zeroed) of the F-ordered ``M``.
 
     Refuses ``M`` whose pivots fall to round-off level relative to its diagonal
     (``min L_ii²/M_ii ≤ 8·m·eps``: BBᵀ singular or numerically so).
     """
     m = M.shape[0]
-    L, info = _lapack.dpotrf(M, lower=1, clean=1)
+    # clean=0: the upper triangle keeps M's values (zeroing it costs a third of
+    # the factorisation here); every user of L reads the lower triangle only.
+    L, info = _lapack.dpotrf(M, lower=1, clean=0)
     if info != 0:
         raise InvalidInputError("this update makes BBᵀ singular")
     d = np.diag(M)
@@ -657,12 +660,17 @@ class KroneckerProjection(Operator):
         Everything is computed into locals first; state changes only at the end.
         """
         m, j, k = self._m, self._j, X_new.shape[1]
+        if j + k == 0:  # nothing changes M (e.g. only zero weight changes)
+            self._commit_weights(W_sync, sync_diag)
+            return
         if should_restart(m, j, k, self._k_max, self.cost_ratio, self._cycle_mean()):
             self._restart(X_new, s_new, s_existing, W_sync, sync_diag)
             return
-        V_new, info = _lapack.dtrtrs(self._L, np.asfortranarray(X_new), lower=1)
-        if info != 0:
-            raise InvalidInputError("Cholesky factor is singular")
+        V_new = np.zeros((m, 0), order="F")
+        if k:
+            V_new, info = _lapack.dtrtrs(self._L, np.asfortranarray(X_new), lower=1)
+            if info != 0:
+                raise InvalidInputError("Cholesky factor is singular")
         V_old = self._Vb[:, :j]
         G = np.empty((j + k, j + k))
         G[:j, :j] = self._G
@@ -1039,7 +1047,7 @@ class KroneckerProjection(Operator):
             "W_sync": self._W_sync.copy(),
             "W_base": self._W_base.copy(),
             "M_base": np.ascontiguousarray(_symmetric_from_lower(self._Mbase)),
-            "L": np.ascontiguousarray(self._L),
+            "L": np.ascontiguousarray(np.tril(self._L)),
             "X": pad(self._Xb[:, :j], (m, K)),
             "V": pad(self._Vb[:, :j], (m, K)),
             "s": pad(self._s, (K,)),
