@@ -283,7 +283,7 @@ def main() -> None:
     T_lazy, T_long = (10, 50) if args.quick else (100, 300)
     A3, Q, lam0 = problem(n, m)
     rng = np.random.default_rng(7)
-    ratio = measure_cost_ratio(m)
+    ratio = measure_cost_ratio(m, repeats=15)
     cpu = platform.processor() or platform.machine()
     print(f"# KroneckerProjection, n={n}, m={m}, 1 BLAS thread, {cpu}, {os.cpu_count()} cpus")
     print(f"# load average at start: {loadavg()}")
