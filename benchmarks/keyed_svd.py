@@ -56,7 +56,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     "norefine": {"refine_growth": None},
     "norefine-l64": {"refine_growth": None, "n_directions": 64},
-    "fast": {"refine_growth": 0.1},
+    "fast": {"refine_growth": 0.05, "oversample": 32},
+    "faster": {"refine_growth": 0.1, "oversample": 32},
     "accurate": {"refine_growth": 0.02, "oversample": 64},
     "exact-split": {"method": "deng", "refine_growth": None},
 }
@@ -143,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8192)
-    ap.add_argument("--configs", default="default,norefine,fast,accurate")
+    ap.add_argument("--configs", default="default,fast,faster,accurate,norefine")
     ap.add_argument("--sample", type=int, default=200)
     ap.add_argument("--min-degree", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -22,6 +23,7 @@ __all__ = [
     "ZSpace",
     "core_append",
     "core_low_rank",
+    "csr_normal_apply",
     "one_sided_update",
     "truncated_core_svd",
     "z_space",
@@ -285,3 +287,42 @@ def one_sided_update(
         n_directions=q,
         n_excluded=int(bad.sum()),
     )
+
+
+@numba.njit(cache=True)
+def _csr_normal_kernel(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    v: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    k = v.shape[1]
+    for i in range(indptr.size - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        for p in range(lo, hi):
+            a = data[p]
+            j = indices[p]
+            for c in range(k):
+                y[i, c] += a * v[j, c]
+        for p in range(lo, hi):
+            a = data[p]
+            j = indices[p]
+            for c in range(k):
+                z[j, c] += a * y[i, c]
+
+
+def csr_normal_apply(a: sp.csr_array, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``Y = A V`` and ``Z = Aᵀ Y`` in one pass over the rows of a CSR ``A``.
+
+    Row i's ``y_i = a_i V`` is formed and immediately scattered into
+    ``Z += a_iᵀ y_i`` while it is in cache, so A is read once and no
+    transposed copy is built (a per-row sequential numba loop). O(nnz(A) k).
+    """
+    m, n = a.shape
+    vc = np.ascontiguousarray(v)
+    y = np.zeros((m, vc.shape[1]), dtype=vc.dtype)
+    z = np.zeros((n, vc.shape[1]), dtype=vc.dtype)
+    _csr_normal_kernel(a.indptr, a.indices, a.data.astype(vc.dtype, copy=False), vc, y, z)
+    return y, z

@@ -23,6 +23,7 @@ from streamfact.kernels.svd_updates import (
     ZSpace,
     core_append,
     core_low_rank,
+    csr_normal_apply,
     one_sided_update,
     truncated_core_svd,
     z_space,
@@ -853,12 +854,15 @@ class IncrementalSVD(Operator):
         if n_rand:
             blocks.append(self._rng.standard_normal((n, n_rand)).astype(self.dtype))
         v = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-        at = sp.csr_array(a.T) if sp.issparse(a) else None
         eps = float(np.finfo(self._dt).eps)
         rel = 100.0 * eps
         n_it = int(iterations)
         for it in range(n_it):
-            y = np.asarray(a @ v) if sp.issparse(a) else la.mm(a, v)
+            if sp.issparse(a) and not la.is_torch:
+                y, z0 = csr_normal_apply(a, v)  # A V and Aᵀ A V in one pass
+            else:
+                y = np.asarray(a @ v) if sp.issparse(a) else la.mm(a, v)
+                z0 = np.asarray(a.T @ y) if sp.issparse(a) else la.mm(a.T, y)
             gy = la.mm(y.T, y)
             t, _ = gram_factor(gy, rel)
             if _gram_cond2(t) > 1e4:
@@ -866,9 +870,9 @@ class IncrementalSVD(Operator):
                 y, _ = cholesky_qr(y, la, rel=rel)
                 gy = la.mm(y.T, y)
                 t = np.eye(y.shape[1], dtype=y.dtype)
+                z0 = np.asarray(a.T @ y) if sp.issparse(a) else la.mm(a.T, y)
             # Q = Y T (implicit). Aᵀ Q = (Aᵀ Y) T; its SVD through the Gram
             # Tᵀ (Z0ᵀ Z0) T = F Σ² Fᵀ: V = Z0 T F Σ⁻¹, U = Y T F.
-            z0 = np.asarray(at @ y) if at is not None else la.mm(a.T, y)
             gz = t.T @ la.mm(z0.T, z0) @ t
             lam, f = np.linalg.eigh((gz + gz.T) / 2)
             lam, f = lam[::-1], f[:, ::-1]

@@ -425,3 +425,30 @@ def test_bad_input_is_rejected_before_state_changes() -> None:
     np.testing.assert_array_equal(op.s, s)
     with pytest.raises(ValueError):
         IncrementalSVD(3, method="svd")
+
+
+@pytest.mark.parametrize("spread", [1e1, 1e6])
+def test_deng_append_gram_form_and_its_fallback(spread: float) -> None:
+    # Deng appends take the QR-free Gram form while ε(θ_1/θ_k)² ≤ 1e-9 and
+    # the QR form otherwise (spread 1e6 puts θ_1/θ_k far beyond that). Both
+    # must give the exact SVD of the updated approximation (oracle 1).
+    rng = np.random.default_rng(21)
+    m, n, k = 120, 60, 8
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    a0 = (u * np.geomspace(1.0, 1.0 / spread, k)) @ v.T
+    e = sp.random_array((15, n), density=0.1, random_state=22, format="csr") / spread
+    op = IncrementalSVD(k, method="deng")
+    op.initialize(a0)
+    before = op.n_sparse_updates_
+    op.append_rows(e)
+    full = np.vstack([a0, e.toarray()])
+    uu, ss, vt = np.linalg.svd(full)
+    np.testing.assert_allclose(op.s, ss[:k], rtol=1e-10)
+    best = (uu[:, :k] * ss[:k]) @ vt[:k]
+    recon = (op.U * op.s) @ op.V.T
+    assert np.linalg.norm(recon - best) <= 1e-10 * np.linalg.norm(best)
+    assert max(op.orthogonality_loss(exact=True)) < 1e-12
+    # The Gram form counts as a sparse update; the QR fallback with a dense
+    # residual does not.
+    assert (op.n_sparse_updates_ > before) == (spread < 1e3)
