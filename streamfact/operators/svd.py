@@ -587,7 +587,10 @@ class IncrementalSVD(Operator):
         g[r:, :r] = sc.T
         g[r:, r:] = (yty + yty.T) / 2
         n_top = min(self.rank, r + p)
-        if r + p <= 256:
+        if self._la.is_torch:
+            lam, f = self._la.eigh(g)
+            lam, f = lam[::-1][:n_top], f[:, ::-1][:, :n_top]
+        elif r + p <= 256:
             lam, f = np.linalg.eigh(g)
             lam, f = lam[::-1][:n_top], f[:, ::-1][:, :n_top]
         else:
