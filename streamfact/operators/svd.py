@@ -846,7 +846,7 @@ class IncrementalSVD(Operator):
             raise ValueError(f"iterations must be at least 1, got {iterations}")
         la = self._la
         n = self.shape[1]
-        blocks = [sides[1].materialize(la)]
+        blocks = [sides[1].w1 if sides[1].identity else sides[1].materialize(la)]
         if extra is not None:
             ex = np.asarray(extra, dtype=self.dtype)
             if ex.ndim != 2 or ex.shape[0] != n:
