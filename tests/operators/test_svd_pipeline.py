@@ -40,8 +40,9 @@ def test_sparse_rows_through_pipeline() -> None:
     csr = sp.csr_array(dense)
     idx = [csr.indices[csr.indptr[i] : csr.indptr[i + 1]].astype(np.int64) for i in range(200)]
     val = [csr.data[csr.indptr[i] : csr.indptr[i + 1]] for i in range(200)]
-    table = pa.table({"idx": pa.array(idx, pa.list_(pa.int64())),
-                      "val": pa.array(val, pa.list_(pa.float64()))})
+    table = pa.table(
+        {"idx": pa.array(idx, pa.list_(pa.int64())), "val": pa.array(val, pa.list_(pa.float64()))}
+    )
     svd = IncrementalSVD(8, method="deng")
     pipe = sf.Pipeline(MemorySource(table, batch_size=25), progress=False).update(
         svd.append_rows, X=sf.sparse("idx", "val", n_features=n)
