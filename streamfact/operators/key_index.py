@@ -3,9 +3,9 @@
 Operators that grow with new keys (users, items, packages) keep one of these in
 their state. Keys get indices in order of first appearance. Lookups are
 batched: ``np.unique`` of the batch, then ``np.searchsorted`` into a sorted copy
-of the known keys, so a batch of b keys against N known ones costs
-O(b log b + b log N + N) (the last term for merging new keys into the sorted
-copy) with no per-key Python loop.
+of the known keys kept between batches; new keys are merged into that copy by
+insertion. A batch of b keys against N known ones costs
+O(b log b + b log N + N) with no per-key Python loop and no re-sort.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class KeyIndex:
         self.kind = kind
         self.keys = np.empty(0, dtype=np.int64 if kind == "int" else np.str_)
         self.order = np.empty(0, dtype=np.int64)  # keys[order] is sorted
+        self._sorted = self.keys[self.order]  # kept in step with keys and order
 
     def __len__(self) -> int:
         return int(self.keys.size)
@@ -62,11 +63,9 @@ class KeyIndex:
         out = np.full(arr.shape, -1, dtype=np.int64)
         if not self.keys.size or not arr.size:
             return out
-        sorted_keys = self.keys[self.order]
-        pos = np.searchsorted(sorted_keys, arr)
-        pos_clipped = np.minimum(pos, sorted_keys.size - 1)
-        hit = sorted_keys[pos_clipped] == arr
-        out[hit] = self.order[pos_clipped[hit]]
+        pos = np.minimum(np.searchsorted(self._sorted, arr), self._sorted.size - 1)
+        hit = self._sorted[pos] == arr
+        out[hit] = self.order[pos[hit]]
         return out
 
     def add(self, keys: Any) -> np.ndarray:
@@ -78,12 +77,17 @@ class KeyIndex:
         found = self.lookup(uniq)
         new = np.flatnonzero(found < 0)
         if new.size:
-            # New keys are numbered in the order they first occur in this batch.
-            new = new[np.argsort(first[new], kind="stable")]
+            # Numbered in order of first occurrence in this batch; merged into
+            # the sorted copy in sorted order (uniq is sorted).
+            by_first = new[np.argsort(first[new], kind="stable")]
             start = self.keys.size
-            found[new] = np.arange(start, start + new.size)
-            self.keys = np.concatenate([self.keys, uniq[new]])
-            self.order = np.argsort(self.keys, kind="stable")
+            found[by_first] = np.arange(start, start + new.size)
+            self.keys = np.concatenate([self.keys, uniq[by_first]])
+            fresh = uniq[new]
+            base = self._sorted.astype(self.keys.dtype, copy=False)  # '<U' may widen
+            at = np.searchsorted(base, fresh)
+            self._sorted = np.insert(base, at, fresh)
+            self.order = np.insert(self.order, at, found[new])
         return found[inverse.reshape(-1)].reshape(arr.shape)
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:
@@ -96,4 +100,5 @@ class KeyIndex:
         if np.unique(idx.keys).size != idx.keys.size:
             raise ValueError("key index state holds duplicate keys")
         idx.order = np.argsort(idx.keys, kind="stable")
+        idx._sorted = idx.keys[idx.order]
         return idx

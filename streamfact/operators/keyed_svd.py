@@ -25,60 +25,6 @@ __all__ = ["KeyedSVD"]
 _SVD_PREFIX = "svd."
 
 
-class _SortedKeyIndex(KeyIndex):
-    """A :class:`KeyIndex` that keeps its sorted copy between batches.
-
-    New keys are merged into the sorted copy by insertion (O(N) copies)
-    instead of re-sorting all N keys and rebuilding the sorted copy on every
-    lookup (O(N log N) string comparisons per batch). Same keys, same order,
-    same state.
-    """
-
-    def __init__(self, kind: str = "str") -> None:
-        super().__init__(kind)
-        self._sorted = self.keys[self.order]
-
-    @classmethod
-    def from_arrays(cls, kind: str, keys: np.ndarray) -> _SortedKeyIndex:
-        idx = super().from_arrays(kind, keys)
-        assert isinstance(idx, _SortedKeyIndex)
-        idx._sorted = idx.keys[idx.order]
-        return idx
-
-    def lookup(self, keys: Any) -> np.ndarray:
-        arr = self._coerce(keys)
-        out = np.full(arr.shape, -1, dtype=np.int64)
-        if not self.keys.size or not arr.size:
-            return out
-        pos = np.minimum(np.searchsorted(self._sorted, arr), self._sorted.size - 1)
-        hit = self._sorted[pos] == arr
-        out[hit] = self.order[pos[hit]]
-        return out
-
-    def add(self, keys: Any) -> np.ndarray:
-        arr = self._coerce(keys)
-        if not arr.size:
-            return np.empty(0, dtype=np.int64)
-        uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
-        found = self.lookup(uniq)
-        new = np.flatnonzero(found < 0)
-        if new.size:
-            # Numbered in order of first occurrence in this batch; merged into
-            # the sorted copy in sorted order (uniq is sorted).
-            by_first = new[np.argsort(first[new], kind="stable")]
-            start = self.keys.size
-            found[by_first] = np.arange(start, start + new.size)
-            self.keys = np.concatenate([self.keys, uniq[by_first]])
-            fresh = uniq[new]
-            base = self._sorted
-            if base.dtype != self.keys.dtype:
-                base = base.astype(self.keys.dtype)
-            at = np.searchsorted(base, fresh)
-            self._sorted = np.insert(base, at, fresh)
-            self.order = np.insert(self.order, at, found[new])
-        return found[inverse.reshape(-1)].reshape(arr.shape)
-
-
 class KeyedSVD(Operator):
     """An :class:`~streamfact.operators.svd.IncrementalSVD` addressed by keys.
 
@@ -192,8 +138,8 @@ class KeyedSVD(Operator):
             n_directions=self.n_directions,
             power_iterations=self.power_iterations,
         )
-        self.rows: KeyIndex = _SortedKeyIndex(key_kind)
-        self.cols: KeyIndex = _SortedKeyIndex(key_kind)
+        self.rows: KeyIndex = KeyIndex(key_kind)
+        self.cols: KeyIndex = KeyIndex(key_kind)
         self.events_seen_ = 0
         self.method_used_ = ""
         self.n_refines_ = 0
@@ -382,8 +328,8 @@ class KeyedSVD(Operator):
             st.meta["svd"],
         )
         op.svd = IncrementalSVD.from_state(inner)
-        op.rows = _SortedKeyIndex.from_arrays(op.key_kind, st.arrays["row_keys"])
-        op.cols = _SortedKeyIndex.from_arrays(op.key_kind, st.arrays["col_keys"])
+        op.rows = KeyIndex.from_arrays(op.key_kind, st.arrays["row_keys"])
+        op.cols = KeyIndex.from_arrays(op.key_kind, st.arrays["col_keys"])
         op.events_seen_ = int(st.meta["events_seen"])
         op.method_used_ = str(st.meta.get("method_used", ""))
         if op.refine_growth is not None and "matrix_data" in st.arrays:

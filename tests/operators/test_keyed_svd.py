@@ -12,8 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from streamfact.operators.base import InvalidInputError
-from streamfact.operators.key_index import KeyIndex
-from streamfact.operators.keyed_svd import KeyedSVD, _SortedKeyIndex
+from streamfact.operators.keyed_svd import KeyedSVD
 from streamfact.operators.svd import IncrementalSVD
 
 
@@ -217,24 +216,3 @@ def test_refine_needs_the_retained_matrix() -> None:
     ks.update(np.array(["a", "b"]), np.array(["x", "y"]), np.array([1.0, 2.0]))
     with pytest.raises(InvalidInputError):
         ks.matrix()
-
-
-@pytest.mark.parametrize("kind", ["str", "int"])
-def test_sorted_key_index_matches_key_index(kind: str) -> None:
-    rng = np.random.default_rng(9)
-    fast, ref = _SortedKeyIndex(kind), KeyIndex(kind)
-    for step in range(40):
-        raw = rng.integers(0, 3000, 200)
-        if kind == "str":
-            # Longer keys arrive later: the sorted copy must widen its dtype.
-            keys: np.ndarray = np.array([f"{'k' * (step // 10)}{x}" for x in raw])
-        else:
-            keys = raw.astype(np.int64)
-        np.testing.assert_array_equal(fast.add(keys), ref.add(keys))
-        probe = keys[::3] if step % 2 else np.array([str(x) for x in raw[:5]])
-        if kind == "int":
-            probe = rng.integers(-5, 3500, 50)
-        np.testing.assert_array_equal(fast.lookup(probe), ref.lookup(probe))
-    np.testing.assert_array_equal(fast.keys, ref.keys)
-    again = _SortedKeyIndex.from_arrays(kind, fast.keys)
-    np.testing.assert_array_equal(again.lookup(fast.keys), np.arange(len(fast)))
