@@ -102,6 +102,8 @@ class EmbeddingDaemon:
             method=cfg["model.method"],
             dtype=cfg["model.dtype"],
             device=cfg["model.device"],
+            refine_growth=float(cfg["model.refine_growth"]) or None,
+            oversample=cfg["model.oversample"] or None,
         )
         self._dead_letters = _dead_letter_sink(cfg)
         self.source = source if source is not None else make_source(cfg, self._dead_letter)
