@@ -183,7 +183,8 @@ def main() -> None:
         alg: str, inst: str, cs: list[float], mem: int, seconds: float, extra: str = ""
     ) -> None:
         rate = n * len(cs) / seconds if seconds > 0 else float("inf")
-        cell = f"{np.mean(cs):.3f} / {min(cs):.3f} @ {mem} · {rate / 1e3:.0f}k r/s{extra}"
+        acc = "–" if np.isnan(cs).all() else f"{np.mean(cs):.3f} / {min(cs):.3f}"
+        cell = f"{acc} @ {mem} · {rate / 1e3:.0f}k r/s{extra}"
         rows.setdefault(alg, {})[inst] = cell
 
     for inst in args.instances.split(","):
@@ -201,13 +202,13 @@ def main() -> None:
             return TopEigenvector(d, stream_length=n, seed=s)
 
         cs, mem, _ = run_streaming(te, streams, v1, batch)
-        sec, floor, ratio, ratio_min = paired_timing(te, streams, batch, args.repeat)
+        sec, floor, t_ratio, t_ratio_min = paired_timing(te, streams, batch, args.repeat)
         put("stream pass y += Aᵀ(Az)", inst, [float("nan")] * args.orders, 2 * d, floor)
         probe = te(0)
         for part in batches(streams[0], batch):
             probe.update(part)
         put("TopEigenvector p=8 b=1", inst, cs, mem, sec,
-            f" [h={probe.heavy_rows}, {probe.mode}, {ratio:.2f}× pass (min {ratio_min:.2f})]")
+            f" [h={probe.heavy_rows}, {probe.mode}, {t_ratio:.2f}× pass (min {t_ratio_min:.2f})]")
         cs_u, mem_u, sec_u = run_streaming(
             lambda s: TopEigenvector(d, seed=s), streams, v1, batch
         )
