@@ -106,14 +106,14 @@ def get(base: str, path: str) -> dict:
 
 
 def serve(
-    workdir: Path, bootstrap: str, topic: str, rank: int, method: str
+    workdir: Path, bootstrap: str, topic: str, rank: int, method: str, refine_growth: float
 ) -> tuple[subprocess.Popen[str], str]:
     config = workdir / "serve.toml"
     config.write_text(
         f'[source]\nkind = "kafka"\nbootstrap = "{bootstrap}"\ntopic = "{topic}"\n'
         "batch_size = 16\n"
         '[events]\nkind = "interactions"\nkey_type = "int"\n'
-        f'[model]\nrank = {rank}\nmethod = "{method}"\n'
+        f'[model]\nrank = {rank}\nmethod = "{method}"\nrefine_growth = {refine_growth}\n'
         '[checkpoint]\npath = "ckpt"\nevery_rows = 500000\nevery_seconds = 30.0\n'
         '[snapshots]\npath = "snap"\nevery_seconds = 0.5\nkeep = 2\n'
         "[http]\nport = 0\n"
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--method", default="auto")
+    parser.add_argument("--refine-growth", type=float, default=0.02)
     parser.add_argument("--latency-rate", type=float, default=20_000.0)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     args = parser.parse_args()
@@ -179,7 +180,9 @@ def main() -> None:
         produce(broker.bootstrap, topic, users, items, None, sent)
         print(f"produced {args.events:,} events in {time.monotonic() - t0:.1f} s")
 
-        proc, base = serve(work, broker.bootstrap, topic, args.rank, args.method)
+        proc, base = serve(
+            work, broker.bootstrap, topic, args.rank, args.method, args.refine_growth
+        )
         rss: list[tuple[float, float]] = []
         start = time.monotonic()
         events = 0
@@ -228,7 +231,10 @@ def main() -> None:
         q = quality(work / "snap", all_users, all_items, args.rank)
 
     warm = [m for t, m in rss if t >= elapsed * 0.2]
-    print(f"events {args.events:,}, rank {args.rank}, method {args.method}, exit code {code}")
+    print(
+        f"events {args.events:,}, rank {args.rank}, method {args.method}, "
+        f"refine_growth {args.refine_growth}, exit code {code}"
+    )
     print("| metric | value |")
     print("|---|---|")
     print(f"| events/s end to end (preloaded topic) | {throughput:,.0f} |")

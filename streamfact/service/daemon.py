@@ -7,8 +7,9 @@ The daemon composes the engine's parts and adds no numerics of its own:
   events to a :class:`~streamfact.operators.keyed_svd.KeyedSVD`, with the
   configured bad-input policy and checkpoints every N events / seconds;
 * a publisher thread that turns the model into an immutable
-  :class:`~streamfact.service.snapshots.Snapshot` (in memory and as versioned
-  Parquet) at most every ``snapshots.every_seconds``;
+  :class:`~streamfact.service.snapshots.Snapshot` at most every
+  ``snapshots.every_seconds``, written as versioned Parquet at most every
+  ``snapshots.write_every_seconds`` and at shutdown;
 * the HTTP API on 127.0.0.1 by default.
 
 SIGTERM (or SIGINT) makes it finish the batch in hand, checkpoint, publish a
@@ -136,6 +137,8 @@ class EmbeddingDaemon:
         self._snapshot: Snapshot | None = None
         self._version = max(self.writer.versions(), default=0)
         self._published_events = -1
+        self._written_version = self._version
+        self._last_write = time.monotonic()
         self._stop = threading.Event()
         self._rate: deque[tuple[float, int]] = deque(maxlen=600)
         self._last_checkpoint = time.time()
@@ -166,7 +169,7 @@ class EmbeddingDaemon:
     def run(self) -> int:
         self._install_signals()
         if self.pipeline.restore() is not None:
-            self.publish()  # serve the restored embeddings before any new event
+            self.publish(write=True)  # serve the restored embeddings before any new event
         self.http.start()
         host, port = self.http.address
         log.info("serving on http://%s:%d", host, port)
@@ -182,7 +185,7 @@ class EmbeddingDaemon:
             self._leave_batch()
             self._stop.set()
             publisher.join(timeout=30)
-            self.publish()
+            self.publish(write=True)
             self.http.stop()
             self.pipeline.close()
         print(
@@ -237,26 +240,39 @@ class EmbeddingDaemon:
             except Exception:  # a failed publish must not stop the updates
                 log.exception("publishing a snapshot failed")
 
-    def publish(self) -> Snapshot | None:
-        """Publish the model as a new snapshot version if it changed."""
+    def publish(self, *, write: bool = False) -> Snapshot | None:
+        """Publish the model as a new in-memory snapshot version if it changed.
+
+        The model lock is held only while the embeddings are materialised
+        (O((m + n) k²)); indexing, normalising and writing happen outside it.
+        The snapshot goes to disk when ``write`` is set or the last write is
+        older than ``snapshots.write_every_seconds``.
+        """
         with self._lock:
             events = self.model.events_seen_
-            if events == self._published_events or not self.model.svd.initialized:
-                return self._snapshot
-            self._version += 1
-            snap = Snapshot.build(
-                self._version,
-                events,
-                self.model.svd.s,
-                self.model.rows.keys,
-                self.model.row_embeddings(),
-                self.model.cols.keys,
-                self.model.column_embeddings(),
-                self.model.key_kind,
-            )
-            self._published_events = events
-        self.writer.write(snap)
-        self._snapshot = snap  # one reference swap: readers see old or new, never a mix
+            changed = events != self._published_events and self.model.svd.initialized
+            if changed:
+                self._version += 1
+                self._published_events = events
+                raw = (
+                    self._version,
+                    events,
+                    self.model.svd.s,
+                    self.model.rows.keys,
+                    self.model.row_embeddings(),
+                    self.model.cols.keys,
+                    self.model.column_embeddings(),
+                )
+        if changed:
+            self._snapshot = Snapshot.build(*raw, self.model.key_kind)  # one reference swap
+        snap = self._snapshot
+        due = time.monotonic() - self._last_write >= float(
+            self.cfg["snapshots.write_every_seconds"]
+        )
+        if snap is not None and snap.version != self._written_version and (write or due):
+            self.writer.write(snap)
+            self._written_version = snap.version
+            self._last_write = time.monotonic()
         return snap
 
     @property

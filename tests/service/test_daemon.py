@@ -128,8 +128,8 @@ def running(tmp_path: Path) -> Any:
     published: dict[int, Snapshot] = {}
     original = daemon.publish
 
-    def recording_publish() -> Snapshot | None:
-        snap = original()
+    def recording_publish(**kwargs: Any) -> Snapshot | None:
+        snap = original(**kwargs)
         if snap is not None:
             published[snap.version] = snap
         return snap
