@@ -10,17 +10,8 @@ from __future__ import annotations
 
 import math
 
-import llvmlite.binding as _llvm
 import numba
 import numpy as np
-
-# Align loop headers to 64 bytes in the code LLVM generates from here on. The
-# fused row loops below are short, hot and bound by the front end: depending on
-# where a compilation happened to place them, the same kernel ran 1× or 2–2.5×
-# slower (measured: 4 of 10 fresh compilations of absorb_dense slow on the
-# 2-core reference machine; all 16 fast with the option). Process-wide, but it
-# only inserts padding before loops.
-_llvm.set_option("", "-align-loops=64")
 
 #: Reassociation lets LLVM vectorise the dot-product reductions; NaN and Inf
 #: semantics are kept (no ``nnan``/``ninf``), so the finiteness tests below hold.
