@@ -27,6 +27,7 @@ from streamfact.operators.base import (
     StateFormatError,
     as_state,
     check_state_class,
+    dense_row_bad_inputs,
 )
 from streamfact.operators.frequent_directions import FrequentDirections
 from streamfact.operators.validation import check_dtype, check_matrix
@@ -862,23 +863,11 @@ class TopEigenvector(Operator):
             v = op.vector
             return np.concatenate([np.outer(v, v).ravel(), [op.rows_seen, op.heavy_rows]])
 
-        def bad_inputs(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
-            good = rng.standard_normal((4, dim)).astype(dtype)
-            nan = good.copy()
-            nan[2, 1] = np.nan
-            return [
-                ("wrong width", rng.standard_normal((3, dim + 1))),
-                ("NaN", nan),
-                ("Inf", np.full((1, dim), np.inf)),
-                ("3-D", np.zeros((2, 2, dim))),
-                ("strings", np.array([["a"] * dim])),
-            ]
-
         return ConformanceSpec(
             make=make,
             stream=stream,
             probe=probe,
-            bad_inputs=bad_inputs,
+            bad_inputs=dense_row_bad_inputs(dim),
             # The result depends on the ORDER of the rows by design (blocks are power
             # steps; see the class docstring), but not on where batches are cut: the
             # heavy test and block boundaries run row by row, and only the block sums

@@ -17,6 +17,7 @@ from streamfact.operators.base import (
     StateFormatError,
     as_state,
     check_state_class,
+    dense_row_bad_inputs,
 )
 from streamfact.operators.validation import check_dtype, check_matrix
 
@@ -345,19 +346,10 @@ class FrequentDirections(Operator):
             return np.concatenate([op.covariance().ravel(), [op.shrinkage_, op.rows_seen_]])
 
         def bad_inputs(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
-            good = rng.standard_normal((4, dim)).astype(dtype)
-            nan = good.copy()
-            nan[2, 1] = np.nan
             bad_idx = sp.csr_array(
                 (np.ones(2), np.array([0, dim + 3]), np.array([0, 1, 2])), shape=(2, dim + 4)
             )
-            return [
-                ("wrong width", rng.standard_normal((3, dim + 1))),
-                ("NaN", nan),
-                ("Inf", np.full((1, dim), np.inf)),
-                ("3-D", np.zeros((2, 2, dim))),
-                ("sparse wrong width", bad_idx),
-            ]
+            return [*dense_row_bad_inputs(dim)(rng, dtype), ("sparse wrong width", bad_idx)]
 
         return ConformanceSpec(
             make=make,

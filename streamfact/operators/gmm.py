@@ -22,6 +22,7 @@ from streamfact.operators.base import (
     StateFormatError,
     as_state,
     check_state_class,
+    dense_row_bad_inputs,
 )
 from streamfact.operators.validation import check_dtype, check_matrix
 
@@ -976,23 +977,11 @@ class IncrementalGMM(Operator):
                 ]
             ).astype(np.float64)
 
-        def bad_inputs(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
-            good = rng.standard_normal((4, dim)).astype(dtype)
-            nan = good.copy()
-            nan[2, 1] = np.nan
-            return [
-                ("wrong width", rng.standard_normal((3, dim + 1))),
-                ("NaN", nan),
-                ("Inf", np.full((1, dim), np.inf)),
-                ("3-D", np.zeros((2, 2, dim))),
-                ("strings", np.array([["a"] * dim])),
-            ]
-
         return ConformanceSpec(
             make=make,
             stream=stream,
             probe=probe,
-            bad_inputs=bad_inputs,
+            bad_inputs=dense_row_bad_inputs(dim),
             # Rows are processed strictly one at a time, so cuts cannot matter.
             split_tolerance=0.0,
             # K grows with the data's complexity (bounded by pruning), not with rows seen.

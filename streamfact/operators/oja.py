@@ -18,6 +18,7 @@ from streamfact.operators.base import (
     StateFormatError,
     as_state,
     check_state_class,
+    dense_row_bad_inputs,
 )
 from streamfact.operators.frequent_directions import nonzero_rows
 from streamfact.operators.validation import check_dtype, check_matrix
@@ -269,23 +270,11 @@ class OjaEigenvector(Operator):
             v = op.vector
             return np.outer(v, v).ravel()
 
-        def bad_inputs(rng: np.random.Generator, dtype: np.dtype) -> list[tuple[str, Any]]:
-            good = rng.standard_normal((4, dim)).astype(dtype)
-            nan = good.copy()
-            nan[2, 1] = np.nan
-            return [
-                ("wrong width", rng.standard_normal((3, dim + 1))),
-                ("NaN", nan),
-                ("Inf", np.full((1, dim), np.inf)),
-                ("3-D", np.zeros((2, 2, dim))),
-                ("strings", np.array([["a"] * dim])),
-            ]
-
         return ConformanceSpec(
             make=make,
             stream=stream,
             probe=probe,
-            bad_inputs=bad_inputs,
+            bad_inputs=dense_row_bad_inputs(dim),
             # Block sums split at batch cuts are added in another order: rounding only.
             split_tolerance=1e-10,
             backends=("cpu", "torch"),
