@@ -245,6 +245,23 @@ class Operator:
         self.__dict__.clear()
         self.__dict__.update(fresh.__dict__)
 
+    def _state_header(self) -> dict[str, Any]:
+        """The meta entries every state starts with: class, layout version, parameters."""
+        return {
+            "class": type(self).__name__,
+            "state_version": self.state_version,
+            "params": self.json_params(),
+        }
+
+    @classmethod
+    def _begin_from_state(
+        cls: type[OperatorT], state: OperatorState | Mapping[str, Any]
+    ) -> tuple[OperatorState, OperatorT]:
+        """Validate ``state`` for this class and build a fresh operator from its params."""
+        st = as_state(state)
+        check_state_class(st, cls)
+        return st, cls(**st.meta["params"])
+
     # -- combination ----------------------------------------------------------
     def merge(self: OperatorT, other: OperatorT) -> OperatorT:
         raise NotMergeableError(f"{type(self).__name__} cannot be merged")

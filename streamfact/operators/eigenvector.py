@@ -25,8 +25,6 @@ from streamfact.operators.base import (
     Operator,
     OperatorState,
     StateFormatError,
-    as_state,
-    check_state_class,
     dense_row_bad_inputs,
 )
 from streamfact.operators.frequent_directions import FrequentDirections
@@ -57,9 +55,22 @@ HEAVY_RTOL = 1e-8
 _MODES = ("exact", "heavy_sketch", "sketch")
 #: Attributes an update may change (see TopEigenvector._snapshot).
 _MUTABLE = (
-    "Z_", "Y_", "G_", "H_", "h0_", "p_", "scal_", "det_block_", "det_prev_",
-    "order_random_", "order_z_", "block_index_", "epoch_start_", "heavy_seen_",
-    "heavy_fd_", "fd_",
+    "Z_",
+    "Y_",
+    "G_",
+    "H_",
+    "h0_",
+    "p_",
+    "scal_",
+    "det_block_",
+    "det_prev_",
+    "order_random_",
+    "order_z_",
+    "block_index_",
+    "epoch_start_",
+    "heavy_seen_",
+    "heavy_fd_",
+    "fd_",
 )
 
 
@@ -757,9 +768,7 @@ class TopEigenvector(Operator):
             "heavy_light_gram": self.G_.copy(),
         }
         meta: dict[str, Any] = {
-            "class": type(self).__name__,
-            "state_version": self.state_version,
-            "params": self.json_params(),
+            **self._state_header(),
             "counters": [float(x) for x in self.scal_],
             "epoch_start": int(self.epoch_start_),
             "block_index": int(self.block_index_),
@@ -780,9 +789,7 @@ class TopEigenvector(Operator):
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> TopEigenvector:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         z, y, h = st.arrays["basis"], st.arrays["light_product"], st.arrays["heavy"]
         if z.ndim != 2 or y.ndim != 2 or h.ndim != 2 or h.shape[1] != op.dim:
             raise StateFormatError("state arrays do not match dim")
@@ -828,8 +835,10 @@ class TopEigenvector(Operator):
             if name in st.meta:
                 sub_meta = dict(st.meta[name])
                 sub_meta["params"] = {
-                    "dim": op.dim, "sketch_size": op.sketch_size,
-                    "dtype": op.dtype, "device": op.device,
+                    "dim": op.dim,
+                    "sketch_size": op.sketch_size,
+                    "dtype": op.dtype,
+                    "device": op.device,
                 }
                 sub_meta["class"] = "FrequentDirections"
                 fd = FrequentDirections.from_state(

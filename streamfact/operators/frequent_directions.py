@@ -15,8 +15,6 @@ from streamfact.operators.base import (
     Operator,
     OperatorState,
     StateFormatError,
-    as_state,
-    check_state_class,
     dense_row_bad_inputs,
 )
 from streamfact.operators.validation import check_dtype, check_matrix
@@ -298,9 +296,7 @@ class FrequentDirections(Operator):
         return OperatorState(
             arrays={"buffer": self.buffer_.copy()},
             meta={
-                "class": type(self).__name__,
-                "state_version": self.state_version,
-                "params": self.json_params(),
+                **self._state_header(),
                 "filled": int(self.filled_),
                 "shrinkage": float(self.shrinkage_),
                 "frobenius_sq": float(self.frobenius_sq_),
@@ -310,9 +306,7 @@ class FrequentDirections(Operator):
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> FrequentDirections:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         buf = st.arrays["buffer"]
         if buf.shape != op.buffer_.shape:
             raise StateFormatError(f"buffer has shape {buf.shape}, expected {op.buffer_.shape}")

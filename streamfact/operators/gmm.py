@@ -467,9 +467,7 @@ class IncrementalGMM(Operator):
         )
         spv = self._sp[:k].copy()
         log_w = be.asarray(np.log(spv / spv.sum()), self.dtype)
-        novel_t, N_t, xbar_t, Cb_t = _bt.minibatch_stats(
-            be, X, mu, lam, logdet, log_w, self._chi2
-        )
+        novel_t, N_t, xbar_t, Cb_t = _bt.minibatch_stats(be, X, mu, lam, logdet, log_w, self._chi2)
         novel = to_numpy(novel_t).astype(bool)
         N = to_numpy(N_t).astype(np.float64)
         n_upd = int(arr.shape[0] - novel.sum())
@@ -665,8 +663,11 @@ class IncrementalGMM(Operator):
             buffered = self._buffer.shape[0]
             raise InvalidInputError(
                 "the mixture has no components yet"
-                + (f" ({buffered} of {self.warmup} warm-up rows buffered; "
-                   "call finish_warmup())" if self._sigma2 is None else "")
+                + (
+                    f" ({buffered} of {self.warmup} warm-up rows buffered; call finish_warmup())"
+                    if self._sigma2 is None
+                    else ""
+                )
             )
         return self._k
 
@@ -952,8 +953,14 @@ class IncrementalGMM(Operator):
         def make(seed: int = 0, dtype: str = "float64", device: str = "cpu") -> IncrementalGMM:
             # Parameters make creation and pruning happen within 240 rows.
             return cls(
-                dim, delta=0.3, warmup=20, v_min=60, sp_min=3.0, resync_every=25,
-                dtype=dtype, device=device,
+                dim,
+                delta=0.3,
+                warmup=20,
+                v_min=60,
+                sp_min=3.0,
+                resync_every=25,
+                dtype=dtype,
+                device=device,
             )
 
         def stream(rng: np.random.Generator, dtype: np.dtype, n_rows: int) -> np.ndarray:

@@ -14,8 +14,6 @@ from streamfact.operators.base import (
     Operator,
     OperatorState,
     StateFormatError,
-    as_state,
-    check_state_class,
 )
 from streamfact.operators.key_index import KeyIndex
 from streamfact.operators.svd import IncrementalSVD
@@ -295,9 +293,7 @@ class KeyedSVD(Operator):
         arrays["row_keys"] = self.rows.keys.copy()
         arrays["col_keys"] = self.cols.keys.copy()
         meta: dict[str, Any] = {
-            "class": type(self).__name__,
-            "state_version": self.state_version,
-            "params": self.json_params(),
+            **self._state_header(),
             "events_seen": self.events_seen_,
             "method_used": self.method_used_,
             "svd": inner.meta,
@@ -320,9 +316,7 @@ class KeyedSVD(Operator):
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> KeyedSVD:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         inner = OperatorState(
             {k[len(_SVD_PREFIX) :]: v for k, v in st.arrays.items() if k.startswith(_SVD_PREFIX)},
             st.meta["svd"],

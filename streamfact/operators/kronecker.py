@@ -1055,9 +1055,7 @@ class KroneckerProjection(Operator):
             "cols": cols,
         }
         meta: dict[str, Any] = {
-            "class": type(self).__name__,
-            "state_version": self.state_version,
-            "params": self.json_params(),
+            **self._state_header(),
             "sketch": None if self.sketch is None else self.sketch.to_dict(),
             "rank": j,
             "k_max": int(K),

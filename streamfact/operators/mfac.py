@@ -39,8 +39,6 @@ from streamfact.operators.base import (
     Operator,
     OperatorState,
     StateFormatError,
-    as_state,
-    check_state_class,
     dense_row_bad_inputs,
 )
 from streamfact.operators.validation import check_dtype, check_matrix
@@ -599,9 +597,7 @@ class SlidingWindowMFAC(Operator):
                 "factor": self.factor_.copy(),
             },
             meta={
-                "class": type(self).__name__,
-                "state_version": self.state_version,
-                "params": self.json_params(),
+                **self._state_header(),
                 "n_seen": int(self.n_seen_),
                 "fill": int(self.fill_),
                 "ring_pointer": int(self.ring_pointer),
@@ -613,9 +609,7 @@ class SlidingWindowMFAC(Operator):
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> SlidingWindowMFAC:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         m, d = op.window, op.dim
         grads, gram, factor = st.arrays["grads"], st.arrays["gram"], st.arrays["factor"]
         if grads.shape != (m, d) or gram.shape != (m, m) or factor.shape != (m, m):
@@ -827,18 +821,14 @@ class StaticMFAC(Operator):
         return OperatorState(
             arrays={"hgrads": self._buf.numpy(), "denom": self.denom_.copy()},
             meta={
-                "class": type(self).__name__,
-                "state_version": self.state_version,
-                "params": self.json_params(),
+                **self._state_header(),
                 "count": int(self.count_),
             },
         )
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> StaticMFAC:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         h, denom = st.arrays["hgrads"], st.arrays["denom"]
         if h.shape != (op.n_grads, op.dim) or denom.shape != (op.n_grads,):
             raise StateFormatError("state arrays do not match dim and n_grads")

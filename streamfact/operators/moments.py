@@ -14,8 +14,6 @@ from streamfact.operators.base import (
     NotMergeableError,
     Operator,
     OperatorState,
-    as_state,
-    check_state_class,
     dense_row_bad_inputs,
 )
 from streamfact.operators.validation import check_dense_matrix, check_dtype
@@ -152,18 +150,14 @@ class RunningMoments(Operator):
         return OperatorState(
             arrays={"mean": self.mean_.copy(), "m2": self.m2_.copy()},
             meta={
-                "class": type(self).__name__,
-                "state_version": self.state_version,
-                "params": self.json_params(),
+                **self._state_header(),
                 "count": int(self.count_),
             },
         )
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> RunningMoments:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         mean, m2 = st.arrays["mean"], st.arrays["m2"]
         if mean.shape != (op.dim,) or m2.shape != (op.dim, op.dim):
             raise InvalidInputError("state arrays do not match dim")

@@ -16,8 +16,6 @@ from streamfact.operators.base import (
     Operator,
     OperatorState,
     StateFormatError,
-    as_state,
-    check_state_class,
     dense_row_bad_inputs,
 )
 from streamfact.operators.frequent_directions import nonzero_rows
@@ -154,13 +152,25 @@ class OjaEigenvector(Operator):
         if sp.issparse(arr):
             csr = sp.csr_array(arr)
             nu, count = oja_csr(
-                csr.indptr, csr.indices, csr.data, v, self.learning_rate,
-                self.nu_, self.count_, RENORM_EVERY, self._big,
+                csr.indptr,
+                csr.indices,
+                csr.data,
+                v,
+                self.learning_rate,
+                self.nu_,
+                self.count_,
+                RENORM_EVERY,
+                self._big,
             )
         else:
             nu, count = oja_dense(
-                np.ascontiguousarray(arr), v, self.learning_rate,
-                self.nu_, self.count_, RENORM_EVERY, self._big,
+                np.ascontiguousarray(arr),
+                v,
+                self.learning_rate,
+                self.nu_,
+                self.count_,
+                RENORM_EVERY,
+                self._big,
             )
         self.v_, self.nu_, self.count_ = v, float(nu), int(count)
 
@@ -228,9 +238,7 @@ class OjaEigenvector(Operator):
         return OperatorState(
             arrays={"v": self.v_.copy(), "block_acc": self.acc_.copy()},
             meta={
-                "class": type(self).__name__,
-                "state_version": self.state_version,
-                "params": self.json_params(),
+                **self._state_header(),
                 "nu": float(self.nu_),
                 "count": int(self.count_),
                 "in_block": int(self.in_block_),
@@ -239,9 +247,7 @@ class OjaEigenvector(Operator):
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> OjaEigenvector:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         v, acc = st.arrays["v"], st.arrays["block_acc"]
         if v.shape != op.v_.shape or acc.shape != op.acc_.shape:
             raise StateFormatError("state arrays do not match dim/block")

@@ -35,8 +35,6 @@ from streamfact.operators.base import (
     Operator,
     OperatorState,
     StateFormatError,
-    as_state,
-    check_state_class,
 )
 from streamfact.operators.validation import check_dtype, check_matrix
 
@@ -1004,9 +1002,7 @@ class IncrementalSVD(Operator):
     # -- state ----------------------------------------------------------------------------
     def state(self) -> OperatorState:
         meta: dict[str, Any] = {
-            "class": type(self).__name__,
-            "state_version": self.state_version,
-            "params": self.json_params(),
+            **self._state_header(),
             "initialized": self._sides is not None,
             "method_used": self.method_used_,
             "n_updates": self.n_updates_,
@@ -1026,9 +1022,7 @@ class IncrementalSVD(Operator):
 
     @classmethod
     def from_state(cls, state: OperatorState | Mapping[str, Any]) -> IncrementalSVD:
-        st = as_state(state)
-        check_state_class(st, cls)
-        op = cls(**st.meta["params"])
+        st, op = cls._begin_from_state(state)
         dt = op._dt
         op._s = st.arrays["s"].astype(dt, copy=True)
         if st.meta.get("initialized"):
