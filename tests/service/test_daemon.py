@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from daemon_helpers import final_model, planted_events, serve, write_config  # tests/ on sys.path
 
 from streamfact.checkpoint import CheckpointStore
 from streamfact.service.config import ConfigError, describe_keys, load_config
@@ -28,17 +29,7 @@ N_USERS, N_ITEMS, RANK = 60, 40, 6
 
 
 def _events(n: int, seed: int = 0) -> pa.Table:
-    """Interaction events from a planted rank-3 preference structure."""
-    rng = np.random.default_rng(seed)
-    users = rng.integers(0, N_USERS, n)
-    items = (users % 3) * (N_ITEMS // 3) + rng.integers(0, N_ITEMS // 3, n)
-    return pa.table(
-        {
-            "user": pa.array([f"u{u}" for u in users]),
-            "item": pa.array([f"i{i}" for i in items]),
-            "weight": pa.array(rng.uniform(0.5, 1.5, n)),
-        }
-    )
+    return planted_events(n, seed, N_USERS, N_ITEMS)
 
 
 def _write_events(folder: Path, table: pa.Table, files: int) -> None:
@@ -57,16 +48,7 @@ def _config(tmp: Path, **over: Any) -> Path:
         "http": {"port": 0},
         "errors": {"policy": "dead_letter", "dead_letter_path": str(tmp / "rejected")},
     }
-    for dotted, value in over.items():
-        sec, key = dotted.split("__")
-        sections.setdefault(sec, {})[key] = value
-    lines = []
-    for sec, body in sections.items():
-        lines.append(f"[{sec}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in body.items()]
-    path = tmp / "serve.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_config(tmp, sections, **over)
 
 
 def _get(base: str, path: str) -> tuple[int, Any]:
@@ -247,27 +229,10 @@ def test_bad_events_are_dead_lettered_and_the_daemon_goes_on(tmp_path: Path) -> 
 # -- the daemon as a process -------------------------------------------------------
 
 
-def _serve(config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamfact.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _base_url(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "listening on" in line, proc.stderr.read() if proc.stderr else line
-    return line.strip().rsplit(" ", 1)[-1]
-
-
 def test_sigterm_checkpoints_and_exits_zero(tmp_path: Path) -> None:
     _write_events(tmp_path / "events", _events(2000), 2)
     config = _config(tmp_path)  # follows forever: only a signal stops it
-    proc = _serve(config)
-    base = _base_url(proc)
+    proc, base = serve(config)
     deadline = time.monotonic() + 60
     while _get(base, "/healthz")[1]["events_in"] < 2000:
         assert time.monotonic() < deadline
@@ -279,8 +244,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path: Path) -> None:
     ckpt = CheckpointStore(tmp_path / "ckpt").load_latest()
     assert ckpt is not None and ckpt.counters["rows_in"] == 2000
     # The next start resumes from it and reads nothing twice.
-    proc = _serve(config)
-    base = _base_url(proc)
+    proc, base = serve(config)
     status, health = _get(base, "/healthz")
     assert health["resumed_from_checkpoint"] == ckpt.sequence
     time.sleep(0.5)
@@ -290,14 +254,8 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path: Path) -> None:
 
 
 def _final_state(tmp: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    ckpt = CheckpointStore(tmp / "ckpt").load_latest()
-    assert ckpt is not None
-    from streamfact.checkpoint import instantiate
-
-    (entry,) = ckpt.operators.values()
-    model = instantiate(entry)
-    order = np.argsort(model.rows.keys)
-    emb = model.row_embeddings()[order]
+    model = final_model(tmp)
+    emb = model.row_embeddings()[np.argsort(model.rows.keys)]
     return model.svd.s, emb @ emb.T, model.events_seen_
 
 
@@ -316,8 +274,7 @@ def test_sigkill_resumes_with_nothing_lost_or_doubled(tmp_path: Path) -> None:
     config = _config(work, checkpoint__every_rows=250)
     rng = np.random.default_rng(11)
     for attempt in range(5):
-        proc = _serve(config)
-        _base_url(proc)
+        proc, _ = serve(config)
         # The first kill lands before any checkpoint; the rest at random points.
         time.sleep(0.0 if attempt == 0 else float(rng.uniform(0.1, 0.6)))
         proc.send_signal(signal.SIGKILL)

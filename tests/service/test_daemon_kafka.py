@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from streamfact.checkpoint import CheckpointStore, instantiate
+from streamfact.checkpoint import CheckpointStore
 from streamfact.service.config import load_config
 from streamfact.service.daemon import EmbeddingDaemon
 
 pytest.importorskip("confluent_kafka")
+from daemon_helpers import final_model, planted_events, serve, write_config
 from kafka_broker import Broker
 
 from streamfact.connectors.kafka import encode_arrow
@@ -29,16 +27,7 @@ RANK = N_ITEMS  # rank ≥ min(m, n): no truncation, so batch cuts change only r
 
 
 def _events(n: int, seed: int) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    users = rng.integers(0, N_USERS, n)
-    items = (users % 3) * (N_ITEMS // 3) + rng.integers(0, N_ITEMS // 3, n)
-    return pa.table(
-        {
-            "user": pa.array([f"u{u}" for u in users]),
-            "item": pa.array([f"i{i}" for i in items]),
-            "weight": pa.array(rng.uniform(0.5, 1.5, n)),
-        }
-    )
+    return planted_events(n, seed, N_USERS, N_ITEMS)
 
 
 def _produce(broker: Broker, topic: str, table: pa.Table, rows_per_message: int) -> None:
@@ -59,36 +48,11 @@ def _config(tmp: Path, broker: Broker, topic: str, **over: Any) -> Path:
         "http": {"port": 0},
         "errors": {"policy": "dead_letter", "dead_letter_path": str(tmp / "rejected")},
     }
-    for dotted, value in over.items():
-        sec, key = dotted.split("__")
-        sections[sec][key] = value
-    text = "".join(
-        f"[{sec}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in body.items())
-        for sec, body in sections.items()
-    )
-    path = tmp / "serve.toml"
-    path.write_text(text)
-    return path
-
-
-def _serve(config: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamfact.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "listening on" in line, proc.stderr.read() if proc.stderr else line
-    return proc
+    return write_config(tmp, sections, **over)
 
 
 def _final(tmp: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    ckpt = CheckpointStore(tmp / "ckpt").load_latest()
-    assert ckpt is not None
-    (entry,) = ckpt.operators.values()
-    model = instantiate(entry)
+    model = final_model(tmp)
     order = np.argsort(model.rows.keys)
     col_order = np.argsort(model.cols.keys)
     recon = (model.svd.U * model.svd.s) @ model.svd.V.T
@@ -112,7 +76,7 @@ def test_sigkill_with_kafka_loses_and_doubles_nothing(kafka_broker: Broker, tmp_
     config = _config(work, kafka_broker, topic)
     rng = np.random.default_rng(4)
     for attempt in range(5):
-        proc = _serve(config)
+        proc, _ = serve(config)
         # The first kill comes before any checkpoint; the others at random points.
         time.sleep(0.0 if attempt == 0 else float(rng.uniform(0.2, 1.2)))
         proc.send_signal(signal.SIGKILL)
