@@ -289,7 +289,7 @@ def one_sided_update(
     )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _csr_normal_kernel(
     indptr: np.ndarray,
     indices: np.ndarray,

@@ -45,6 +45,11 @@ class KeyIndex:
     def __len__(self) -> int:
         return int(self.keys.size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the keys, their sorted copy and the order."""
+        return int(self.keys.nbytes + self._sorted.nbytes + self.order.nbytes)
+
     def _coerce(self, keys: Any) -> np.ndarray:
         arr = np.asarray(keys)
         if self.kind == "int":

@@ -824,8 +824,9 @@ class IncrementalSVD(Operator):
         ``[V, extra, Ω]`` (``extra``: directions kept from an earlier call, Ω:
         random columns up to ``oversample`` extra in all; oversampling speeds
         convergence from (s_{k+1}/s_k)² to (s_{k+p+1}/s_k)² per step):
-        ``Y = A V``, ``Q = Y T`` with ``T`` from the Gram ``YᵀY`` (Cholesky-QR;
-        explicit Cholesky-QR2 when cond(Y)² > 1e4), then the SVD of ``Qᵀ A``
+        ``Y = A V``, ``Q = Y T`` with ``T`` from the column-equilibrated Gram
+        ``D YᵀY D`` (Cholesky-QR; explicit Cholesky-QR2 when cond(Y D)² > 1e4),
+        then the SVD of ``Qᵀ A``
         through the Gram of ``Aᵀ Q = (Aᵀ Y) T``: ``Tᵀ(Z0ᵀZ0)T = F Σ² Fᵀ``,
         ``U = Y T F``, ``s = Σ``, ``V = (Aᵀ Y) T F Σ⁻¹``; the top k are kept.
         Everything dense is a GEMM on a tall block (no Householder QR), so one
@@ -865,8 +866,15 @@ class IncrementalSVD(Operator):
                 y = np.asarray(a @ v) if sp.issparse(a) else la.mm(a, v)
                 z0 = np.asarray(a.T @ y) if sp.issparse(a) else la.mm(a.T, y)
             gy = la.mm(y.T, y)
-            t, _ = gram_factor(gy, rel)
-            if _gram_cond2(t) > 1e4:
+            # Column-equilibrated Gram factor: the warm-started columns of Y
+            # are ≈ u_i σ_i, orthogonal but scaled over σ_1/σ_q (thousands on
+            # Zipf-like data). Scaling them to unit norm first makes the Gram
+            # well conditioned, so Q = Y T is orthonormal to ~ε·cond(Y D)²
+            # instead of ε·cond(Y)², and the explicit QR below is rarely due.
+            d = 1.0 / np.sqrt(np.maximum(np.diag(gy), np.finfo(self._dt).tiny))
+            ts, _ = gram_factor(gy * np.outer(d, d), rel)
+            t = d[:, None] * ts
+            if _gram_cond2(ts) > 1e4:
                 # Ill-conditioned block: explicit Cholesky-QR2 for Q.
                 y, _ = cholesky_qr(y, la, rel=rel)
                 gy = la.mm(y.T, y)
@@ -888,13 +896,15 @@ class IncrementalSVD(Operator):
         keep = sig > self._rtol * (sig[0] if sig.size else 0.0)
         keep[self.rank :] = False
         n_keep = int(keep.sum())
-        # The Grams of the new factors follow from the small ones (U = Y T F,
-        # V = Z0 T F Σ⁻¹), so the folds need no extra pass over m or n rows.
+        # U's Gram follows from the small factors (U = Y T F, and T was made
+        # from YᵀY itself), so it needs no pass over the m rows. V = Z0 T F Σ⁻¹
+        # goes through the Gram of Z0, whose rounding is amplified by
+        # (σ_1/σ_k)²; its Gram is formed explicitly (O(n k²)) so the
+        # orthogonality check sees the true loss.
         tf_k = tf[:, :n_keep]
         gram_u = tf_k.T @ gy @ tf_k
-        gram_v = (f[:, :n_keep].T @ gz @ f[:, :n_keep]) / np.outer(sig[:n_keep], sig[:n_keep])
         self._fold(sides[0], la.mm(y, tf_k), (gram_u + gram_u.T) / 2)
-        self._fold(sides[1], la.mm(z0, tf_k / sig[:n_keep]), (gram_v + gram_v.T) / 2)
+        self._fold(sides[1], la.mm(z0, tf_k / sig[:n_keep]))
         extra_v = la.mm(z0, tf[:, n_keep:] / sig[n_keep:])
         self._s = sig[:n_keep].astype(self.dtype, copy=True)
         self._cache.clear()
@@ -980,6 +990,16 @@ class IncrementalSVD(Operator):
     def column_embeddings(self) -> np.ndarray:
         """V √S (n×r)."""
         return self._factor(1) * np.sqrt(self._s)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the factors (U1, V1 with their spare capacity, K, Grams)."""
+        if self._sides is None:
+            return int(self._s.nbytes)
+        held = sum(
+            np.asarray(a).nbytes for side in self._sides for a in (side.buf, side.k, side.gram)
+        )
+        return int(held + self._s.nbytes)
 
     def orthogonality_loss(self, exact: bool = False) -> tuple[float, float]:
         """(‖UᵀU − I‖₂, ‖VᵀV − I‖₂): tracked in O(k³), or recomputed from the
