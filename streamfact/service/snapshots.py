@@ -30,10 +30,27 @@ from streamfact.operators.key_index import KeyIndex
 __all__ = ["Snapshot", "SnapshotWriter"]
 
 
-def _normalised(emb: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return emb / norms
+# A row whose embedding is below this fraction of the largest row norm has no
+# direction: its key lies (numerically) outside the rank-k subspace. Repeated
+# refinements drive such rows geometrically towards zero (1e-160 after a long
+# run), where ‖x‖² underflows; normalising them would turn rounding noise into
+# "perfect" neighbours of everything. They get a zero unit vector instead.
+NEGLIGIBLE_ROW = 1e-8
+
+
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+    """Unit rows for cosine scores; negligible rows (see ``NEGLIGIBLE_ROW``)
+    become zero. Scaled by the largest entry first, so no norm under- or
+    overflows whatever the data's scale. O(N·rank)."""
+    scale = float(np.max(np.abs(emb))) if emb.size else 0.0
+    if not scale > 0.0 or not np.isfinite(scale):
+        return np.zeros_like(emb)
+    unit = emb / scale
+    norms = np.linalg.norm(unit, axis=1)
+    live = norms > NEGLIGIBLE_ROW * norms.max()
+    unit[live] /= norms[live, None]
+    unit[~live] = 0.0
+    return unit
 
 
 @dataclass(frozen=True)
@@ -75,8 +92,8 @@ class Snapshot:
         )
         snap._index["rows"] = KeyIndex.from_arrays(key_kind, snap.row_keys)
         snap._index["columns"] = KeyIndex.from_arrays(key_kind, snap.column_keys)
-        snap._unit["rows"] = _normalised(snap.row_embeddings)
-        snap._unit["columns"] = _normalised(snap.column_embeddings)
+        snap._unit["rows"] = unit_rows(snap.row_embeddings)
+        snap._unit["columns"] = unit_rows(snap.column_embeddings)
         for arr in (
             snap.singular_values,
             snap.row_keys,
@@ -114,13 +131,16 @@ class Snapshot:
         return out
 
     def similar(self, key: str, k: int, side: str | None = None) -> list[tuple[str, float]] | None:
-        """Cosine top-``k`` neighbours of ``key`` on its side (rows first). O(N·rank)."""
+        """Cosine top-``k`` neighbours of ``key`` on its side (rows first);
+        ``[]`` when its embedding is negligible. O(N·rank)."""
         sides = [side] if side else ["rows", "columns"]
         for sd in sides:
             i = self.locate(key, sd)
             if i < 0:
                 continue
             unit = self._unit[sd]
+            if not unit[i].any():
+                return []  # a negligible embedding has no neighbours
             scores = unit @ unit[i]
             scores[i] = -np.inf
             k_eff = min(k, scores.size - 1)
