@@ -83,6 +83,15 @@ KEYS: tuple[Key, ...] = (
         minimum=0,
     ),
     Key("model.oversample", int, 0, "extra refinement directions (0 = 3·rank/4)", minimum=0),
+    Key(
+        "model.refine_every_seconds",
+        (float, int),
+        1.0,
+        "also refine when this many seconds passed since the last refinement and events "
+        "arrived since, so a slow stream is served refined embeddings (0 = only the "
+        "refine_growth schedule; then replays are bit-reproducible)",
+        minimum=0.0,
+    ),
     Key("checkpoint.path", str, "streamfact-state/checkpoints", "checkpoint directory"),
     Key("checkpoint.every_rows", int, 200_000, "checkpoint after this many events", minimum=1),
     Key("checkpoint.every_seconds", (float, int), 30.0, "and at least this often", minimum=0.1),

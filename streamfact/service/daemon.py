@@ -9,7 +9,11 @@ The daemon composes the engine's parts and adds no numerics of its own:
 * a publisher thread that turns the model into an immutable
   :class:`~streamfact.service.snapshots.Snapshot` at most every
   ``snapshots.every_seconds``, written as versioned Parquet at most every
-  ``snapshots.write_every_seconds`` and at shutdown;
+  ``snapshots.write_every_seconds`` and at shutdown. Before publishing it
+  refines the model against its retained matrix when the last refinement is
+  older than ``model.refine_every_seconds`` and events arrived since: the
+  incremental updates between refinements drift on skewed streams, and a
+  slow stream would otherwise wait long for its next event-count refinement;
 * the HTTP API on 127.0.0.1 by default.
 
 SIGTERM (or SIGINT) makes it finish the batch in hand, checkpoint, publish a
@@ -43,6 +47,10 @@ from streamfact.service.snapshots import Snapshot, SnapshotWriter
 __all__ = ["EmbeddingDaemon", "make_source"]
 
 log = logging.getLogger("streamfact.serve")
+
+# An idle daemon refines until the singular values settle, but at most this
+# many times in a row, in case a near-degenerate spectrum never quite settles.
+_POLISH_ROUNDS_MAX = 30
 
 
 def make_source(cfg: ServeConfig, on_decode_error: Callable[[Any], None] | None = None) -> Source:
@@ -136,7 +144,11 @@ class EmbeddingDaemon:
         self.writer = SnapshotWriter(cfg.path("snapshots.path"), keep=cfg["snapshots.keep"])
         self._snapshot: Snapshot | None = None
         self._version = max(self.writer.versions(), default=0)
-        self._published_events = -1
+        self._published = (-1, -1)  # (events, SVD revision) of the served snapshot
+        self._refines_seen = 0
+        self._last_refine = time.monotonic()
+        self.refines_by_time = 0
+        self._polish_rounds = 0  # timer refinements in a row with no new events
         self._written_version = self._version
         self._last_write = time.monotonic()
         self._stop = threading.Event()
@@ -236,9 +248,37 @@ class EmbeddingDaemon:
         every = float(self.cfg["snapshots.every_seconds"])
         while not self._stop.wait(max(every, 0.05)):
             try:
+                self.refine_if_due()
                 self.publish()
             except Exception:  # a failed publish must not stop the updates
                 log.exception("publishing a snapshot failed")
+
+    def refine_if_due(self) -> bool:
+        """Refine the model if ``model.refine_every_seconds`` passed since the
+        last refinement (by time or by the model's own event schedule) and a
+        refinement can still change it: events arrived since, or the last one
+        had not converged (:meth:`KeyedSVD.refine_pending`) — so an idle
+        daemon polishes its embeddings for a few rounds and then rests. Holds
+        the model lock for one refinement, O(nnz(A)(k + p) + (m + n)(k + p)²)."""
+        every = float(self.cfg["model.refine_every_seconds"])
+        model = self.model
+        if model.n_refines_ != self._refines_seen:  # the event schedule refined
+            self._refines_seen = model.n_refines_
+            self._last_refine = time.monotonic()
+        if every <= 0 or time.monotonic() - self._last_refine < every:
+            return False
+        with self._lock:
+            if not model.refine_pending():
+                return False
+            polishing = model.unrefined_events == 0
+            if polishing and self._polish_rounds >= _POLISH_ROUNDS_MAX:
+                return False
+            self._polish_rounds = self._polish_rounds + 1 if polishing else 0
+            model.refine()
+            self._refines_seen = model.n_refines_
+        self._last_refine = time.monotonic()
+        self.refines_by_time += 1
+        return True
 
     def publish(self, *, write: bool = False) -> Snapshot | None:
         """Publish the model as a new in-memory snapshot version if it changed.
@@ -250,10 +290,11 @@ class EmbeddingDaemon:
         """
         with self._lock:
             events = self.model.events_seen_
-            changed = events != self._published_events and self.model.svd.initialized
+            revision = (events, self.model.svd.n_updates_)
+            changed = revision != self._published and self.model.svd.initialized
             if changed:
                 self._version += 1
-                self._published_events = events
+                self._published = revision
                 raw = (
                     self._version,
                     events,
@@ -308,6 +349,8 @@ class EmbeddingDaemon:
             "checkpoint_age": time.time() - self._last_checkpoint,
             "orthogonality": (float(orth[0]), float(orth[1])),
             "rank": int(np.asarray(svd.s).size) if svd.initialized else 0,
+            "refinements": self.model.n_refines_,
+            "model_bytes": self.model.nbytes,
             "keys": self.model.shape,
             "snapshot": snap.version if snap is not None else 0,
         }

@@ -51,6 +51,16 @@ class DaemonCollector(Collector):
         orth.add_metric(["columns"], v["orthogonality"][1])
         yield orth
         yield GaugeMetricFamily("streamfact_rank", "Current rank of the SVD", value=v["rank"])
+        yield GaugeMetricFamily(
+            "streamfact_model_bytes",
+            "Bytes held by the model's arrays (factors, key maps, retained matrix)",
+            value=v["model_bytes"],
+        )
+        yield CounterMetricFamily(
+            "streamfact_refinements",
+            "Refinements of the SVD against the retained matrix",
+            value=v["refinements"],
+        )
         keys = GaugeMetricFamily("streamfact_keys", "Distinct keys", labels=["side"])
         keys.add_metric(["rows"], v["keys"][0])
         keys.add_metric(["columns"], v["keys"][1])

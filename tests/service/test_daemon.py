@@ -42,7 +42,9 @@ def _config(tmp: Path, **over: Any) -> Path:
     sections: dict[str, dict[str, Any]] = {
         "source": {"path": str(tmp / "events"), "batch_size": 250, "poll_interval": 0.05},
         "events": {"kind": "interactions", "weight": "weight"},
-        "model": {"rank": RANK, "method": "zha-simon"},
+        # No refinements on a timer: the crash tests compare with an
+        # uninterrupted run, so the model may only depend on the events.
+        "model": {"rank": RANK, "method": "zha-simon", "refine_every_seconds": 0},
         "checkpoint": {"path": str(tmp / "ckpt"), "every_rows": 500, "every_seconds": 60.0},
         "snapshots": {"path": str(tmp / "snap"), "every_seconds": 0.2},
         "http": {"port": 0},
@@ -224,6 +226,53 @@ def test_bad_events_are_dead_lettered_and_the_daemon_goes_on(tmp_path: Path) -> 
     rejected = pq.read_table(tmp_path / "rejected")
     reasons = sorted(rejected.column("_reason").to_pylist())
     assert reasons[0].startswith("NaN") and "missing column" in reasons[-1]
+
+
+def test_timer_refinement_is_served(tmp_path: Path) -> None:
+    # The event schedule is pushed out of reach (refine_growth 1000), so only
+    # the publisher's timer can refine. After the stream ends it keeps
+    # refining until a refinement moves no singular value by more than 1e-10
+    # (relative); singular values converge quadratically in the subspace
+    # error, so that refinement is within ~1e-10 of the truncated SVD, and
+    # rtol 1e-8 leaves room for the rounding of the Gram-based refinement.
+    # Without the timer the sketched batch updates (250 events touch every
+    # user) leave an error of ~1e-2.
+    table = _events(3000)
+    _write_events(tmp_path / "events", table, 3)
+    config = _config(
+        tmp_path,
+        model__rank=3,
+        model__method="auto",
+        model__refine_growth=1000.0,
+        model__refine_every_seconds=0.2,
+    )
+    daemon = EmbeddingDaemon(load_config(config))
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            snap = daemon.snapshot
+            if (
+                snap is not None
+                and snap.events == table.num_rows
+                and daemon.refines_by_time >= 1
+                and not daemon.model.refine_pending()
+                and np.array_equal(snap.singular_values, daemon.model.svd.s)
+            ):
+                break
+            assert time.monotonic() < deadline, "no refined snapshot within 60 s"
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+        thread.join(timeout=30)
+    users = np.array([int(u[1:]) for u in table.column("user").to_pylist()])
+    items = np.array([int(i[1:]) for i in table.column("item").to_pylist()])
+    dense = np.zeros((N_USERS, N_ITEMS))
+    np.add.at(dense, (users, items), table.column("weight").to_numpy())
+    exact = np.linalg.svd(dense, compute_uv=False)[:3]
+    np.testing.assert_allclose(snap.singular_values, exact, rtol=1e-8)
+    assert daemon.model.n_refines_ >= 1
 
 
 # -- the daemon as a process -------------------------------------------------------
