@@ -39,6 +39,7 @@ import streamfact as sf
 from streamfact.io import Sink, Source
 from streamfact.operators.keyed_svd import KeyedSVD
 from streamfact.pipeline import Pipeline
+from streamfact.service.allocator import pin_mmap_threshold
 from streamfact.service.config import ServeConfig
 from streamfact.service.http import ApiServer
 from streamfact.service.metrics import make_registry, render
@@ -180,6 +181,7 @@ class EmbeddingDaemon:
 
     def run(self) -> int:
         self._install_signals()
+        pin_mmap_threshold()
         if self.pipeline.restore() is not None:
             self.publish(write=True)  # serve the restored embeddings before any new event
         self.http.start()
