@@ -5,12 +5,15 @@ interaction events with a planted low-rank structure and Zipf-distributed
 popularity are produced as 1024-row Arrow IPC messages. ``streamfact serve``
 runs as a subprocess on the topic. Two phases:
 
-1. **Throughput.** The whole topic is preloaded, then the daemon consumes it.
-   This gives events/s end to end (events visible in a published snapshot /
-   seconds), and RSS is sampled every second.
-2. **Latency.** Events are produced at a fixed rate below capacity. Each
-   message carries its produce time, and the time at which a snapshot first
-   includes it gives produce → visible latency (p50, p99).
+1. **Catch-up (throughput).** The whole topic is preloaded, then the daemon
+   consumes it. This gives events/s end to end (events visible in a published
+   snapshot / seconds). The model grows throughout: every new user is a row.
+2. **Steady (latency, memory).** Events are produced at a fixed rate below
+   capacity for ``--latency-seconds``. Each message carries its produce time,
+   and the time at which a snapshot first includes it gives produce → visible
+   latency (p50, p99). RSS is sampled in both phases next to the daemon's
+   ``streamfact_model_bytes`` gauge (factors, key maps, retained matrix), so
+   growth can be told apart from the model's own growth.
 
 The quality is that of the final snapshot against a batch truncated SVD
 (``scipy.sparse.linalg.svds``) of the same final matrix: the relative error of
@@ -19,7 +22,8 @@ for 200 random users.
 
 Usage::
 
-    python benchmarks/daemon.py [--events 2000000] [--rank 64] [--latency-rate 20000]
+    python benchmarks/daemon.py [--events 2000000] [--rank 64] [--latency-rate 8000]
+                                 [--latency-seconds 60] [--refine-every 1.0]
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kafka_broker import start_broker
 
 from streamfact.connectors.kafka import encode_arrow
+from streamfact.service.snapshots import unit_rows
 
 
 def make_events(n: int, n_users: int, n_items: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,15 +110,31 @@ def get(base: str, path: str) -> dict:
         return json.loads(resp.read())
 
 
+def model_bytes(base: str) -> float:
+    """The daemon's ``streamfact_model_bytes`` gauge, in MB."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("streamfact_model_bytes "):
+                return float(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def serve(
-    workdir: Path, bootstrap: str, topic: str, rank: int, method: str, refine_growth: float
+    workdir: Path,
+    bootstrap: str,
+    topic: str,
+    rank: int,
+    method: str,
+    refine_growth: float,
+    refine_every: float | None,
 ) -> tuple[subprocess.Popen[str], str]:
+    timer = "" if refine_every is None else f"refine_every_seconds = {refine_every}\n"
     config = workdir / "serve.toml"
     config.write_text(
         f'[source]\nkind = "kafka"\nbootstrap = "{bootstrap}"\ntopic = "{topic}"\n'
         "batch_size = 16\n"
         '[events]\nkind = "interactions"\nkey_type = "int"\n'
-        f'[model]\nrank = {rank}\nmethod = "{method}"\nrefine_growth = {refine_growth}\n'
+        f'[model]\nrank = {rank}\nmethod = "{method}"\nrefine_growth = {refine_growth}\n{timer}'
         '[checkpoint]\npath = "ckpt"\nevery_rows = 500000\nevery_seconds = 30.0\n'
         '[snapshots]\npath = "snap"\nevery_seconds = 0.5\nkeep = 2\n'
         "[http]\nport = 0\n"
@@ -142,18 +163,20 @@ def quality(snap_dir: Path, users: np.ndarray, items: np.ndarray, rank: int) -> 
     U, s = U[:, order], s[order]
     s_err = float(np.max(np.abs(np.asarray(meta["singular_values"][:10]) - s[:10]) / s[:10]))
     ref = (U * np.sqrt(s))[keys]
+    # Cosines exactly as /similar computes them: rows scaled to unit length,
+    # negligible rows (no direction within rank k) set to zero.
+    unit_emb, unit_ref = unit_rows(emb), unit_rows(ref)
     rng = np.random.default_rng(1)
     degree = np.bincount(users[:n], minlength=A.shape[0])[keys]
-    candidates = np.flatnonzero(degree >= 5)
+    candidates = np.flatnonzero((degree >= 5) & unit_ref.any(axis=1))
     picks = rng.choice(candidates, size=min(200, candidates.size), replace=False)
 
-    def top(E: np.ndarray, i: int) -> set[int]:
-        unit = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-300)
+    def top(unit: np.ndarray, i: int) -> set[int]:
         sc = unit @ unit[i]
         sc[i] = -np.inf
         return set(np.argpartition(-sc, 10)[:10].tolist())
 
-    overlap = float(np.mean([len(top(emb, i) & top(ref, i)) / 10 for i in picks]))
+    overlap = float(np.mean([len(top(unit_emb, i) & top(unit_ref, i)) / 10 for i in picks]))
     return {"top10_sv_rel_err": s_err, "overlap_at_10": overlap, "events": n}
 
 
@@ -165,8 +188,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--method", default="auto")
     parser.add_argument("--refine-growth", type=float, default=0.02)
+    parser.add_argument(
+        "--refine-every", type=float, default=None, help="model.refine_every_seconds"
+    )
     parser.add_argument("--latency-rate", type=float, default=20_000.0)
-    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--latency-seconds", type=float, default=60.0)
     args = parser.parse_args()
     users, items = make_events(args.events, args.users, args.items, seed=0)
     print(
@@ -181,9 +207,15 @@ def main() -> None:
         print(f"produced {args.events:,} events in {time.monotonic() - t0:.1f} s")
 
         proc, base = serve(
-            work, broker.bootstrap, topic, args.rank, args.method, args.refine_growth
+            work,
+            broker.bootstrap,
+            topic,
+            args.rank,
+            args.method,
+            args.refine_growth,
+            args.refine_every,
         )
-        rss: list[tuple[float, float]] = []
+        rss: list[tuple[float, float, float]] = []  # (seconds, RSS MB, model MB)
         start = time.monotonic()
         events = 0
         while events < args.events:
@@ -192,7 +224,10 @@ def main() -> None:
                 events = get(base, "/snapshot")["events"]
             except OSError:
                 pass
-            rss.append((time.monotonic() - start, rss_mb(proc.pid)))
+            try:
+                rss.append((time.monotonic() - start, rss_mb(proc.pid), model_bytes(base)))
+            except OSError:
+                pass
             if proc.poll() is not None:
                 raise SystemExit("daemon died")
         elapsed = time.monotonic() - start
@@ -208,6 +243,7 @@ def main() -> None:
         )
         producer.start()
         visible: list[tuple[int, float]] = []
+        steady: list[tuple[float, float, float]] = []
         deadline = time.monotonic() + args.latency_seconds * 4 + 60
         while time.monotonic() < deadline:
             try:
@@ -217,6 +253,8 @@ def main() -> None:
             visible.append((seen, time.time()))
             if seen >= n_lat:
                 break
+            if len(visible) % 40 == 0:
+                steady.append((time.monotonic() - start, rss_mb(proc.pid), model_bytes(base)))
             time.sleep(0.02)
         producer.join()
         lat = []
@@ -230,11 +268,17 @@ def main() -> None:
         all_items = np.concatenate([items, lat_items])
         q = quality(work / "snap", all_users, all_items, args.rank)
 
-    warm = [m for t, m in rss if t >= elapsed * 0.2]
+    caught_up = rss[-1]
     print(
         f"events {args.events:,}, rank {args.rank}, method {args.method}, "
-        f"refine_growth {args.refine_growth}, exit code {code}"
+        f"refine_growth {args.refine_growth}, refine_every {args.refine_every}, "
+        f"exit code {code}"
     )
+    print("RSS and model MB over the run (seconds: RSS, model):")
+    for name, series in (("catch-up", rss), ("steady", steady)):
+        step = max(1, len(series) // 12)
+        points = "; ".join(f"{t:.0f}: {m:.0f}, {mod:.0f}" for t, m, mod in series[::step])
+        print(f"  {name}: {points}")
     print("| metric | value |")
     print("|---|---|")
     print(f"| events/s end to end (preloaded topic) | {throughput:,.0f} |")
@@ -245,7 +289,26 @@ def main() -> None:
         )
     else:
         print("| produce → visible latency | not measured (daemon did not catch up) |")
-    print(f"| RSS after warm-up: min / max MB | {min(warm):.0f} / {max(warm):.0f} |")
+    print(
+        f"| RSS / model arrays at the end of the catch-up, MB | {caught_up[1]:.0f} / "
+        f"{caught_up[2]:.0f} |"
+    )
+    if steady:
+        print(
+            f"| steady phase ({args.latency_seconds:.0f} s): RSS min / max MB | "
+            f"{min(w[1] for w in steady):.0f} / {max(w[1] for w in steady):.0f} |"
+        )
+        half = len(steady) // 2
+        first_half = np.median([m for _, m, _ in steady[:half]]) if half else float("nan")
+        second_half = np.median([m for _, m, _ in steady[half:]])
+        print(
+            f"| steady phase: median RSS of the first / second half, MB | {first_half:.0f} / "
+            f"{second_half:.0f} |"
+        )
+        print(
+            "| steady phase: model arrays (factors, keys, retained matrix) first / last MB | "
+            f"{steady[0][2]:.0f} / {steady[-1][2]:.0f} |"
+        )
     print(f"| top-10 singular value relative error vs svds | {q['top10_sv_rel_err']:.2e} |")
     print(f"| neighbour overlap@10 vs svds | {q['overlap_at_10']:.3f} |")
 

@@ -43,6 +43,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from streamfact.operators.keyed_svd import KeyedSVD
+from streamfact.service.snapshots import unit_rows
 
 try:
     from threadpoolctl import threadpool_limits
@@ -59,6 +60,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fast": {"refine_growth": 0.05, "oversample": 32},
     "faster": {"refine_growth": 0.1, "oversample": 32},
     "accurate": {"refine_growth": 0.02, "oversample": 64},
+    "fine": {"refine_growth": 0.01},
     "exact-split": {"method": "deng", "refine_growth": None},
 }
 
@@ -84,12 +86,14 @@ class Reference:
         self.u, self.s, self.v = u[:, order], s[order], vt[order].T
         deg = np.diff(a.indptr)
         rng = np.random.default_rng(seed + 1)
-        cand = np.flatnonzero(deg >= min_degree)
+        live = unit_rows(self.u * np.sqrt(self.s)).any(axis=1)
+        cand = np.flatnonzero((deg >= min_degree) & live)
         self.rows = rng.choice(cand, size=min(sample, cand.size), replace=False)
         self.nbrs = self._neighbours(self.u * np.sqrt(self.s))
 
     def _neighbours(self, emb: np.ndarray) -> np.ndarray:
-        norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-300)
+        # Cosines as the daemon's /similar computes them (negligible rows: 0).
+        norm = unit_rows(emb)
         sim = norm[self.rows] @ norm.T
         sim[np.arange(self.rows.size), self.rows] = -np.inf
         return np.argpartition(-sim, 10, axis=1)[:, :10]

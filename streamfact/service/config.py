@@ -87,9 +87,10 @@ KEYS: tuple[Key, ...] = (
         "model.refine_every_seconds",
         (float, int),
         1.0,
-        "also refine when this many seconds passed since the last refinement and events "
-        "arrived since, so a slow stream is served refined embeddings (0 = only the "
-        "refine_growth schedule; then replays are bit-reproducible)",
+        "before publishing a snapshot, also refine if the last refinement is this many "
+        "seconds old and events arrived since (or it has not settled yet), so a slow "
+        "stream is served refined embeddings (0 = only the refine_growth schedule; then "
+        "replays are bit-reproducible)",
         minimum=0.0,
     ),
     Key("checkpoint.path", str, "streamfact-state/checkpoints", "checkpoint directory"),

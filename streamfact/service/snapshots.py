@@ -210,4 +210,7 @@ class SnapshotWriter:
         _fsync(self.root)
         for old in self.versions()[: -self.keep]:
             shutil.rmtree(self.root / f"v{old:010d}", ignore_errors=True)
+        # The Parquet encoder's buffers (tens of MB for a large snapshot) would
+        # otherwise stay cached in Arrow's allocator until the next write.
+        pa.default_memory_pool().release_unused()
         return final
