@@ -64,10 +64,14 @@ class KeyedSVD(Operator):
     Such batches cost O(m + n), not O(batch); the number of refinements over
     N events grows like log(N)/log(1 + refine_growth). With the default 0.02
     every batch of ≥ 2 % of the events seen is a refinement; on the Debian
-    graph that measured ~45–50k events/s on one core with a top-10 singular
-    value error of 4e-3 and neighbour overlap@10 of 0.81 against a batch
-    ``svds``, versus ~72k events/s and 0.72 with ``refine_growth=0.05,
-    oversample=32`` (``benchmarks/keyed_svd.py``).
+    graph (batches of 8192) that measured ~50k events/s on one core with a
+    top-10 singular value error of 3.6e-3 and neighbour overlap@10 of 0.81
+    against a batch ``svds``, versus ~64k events/s and 0.72 with
+    ``refine_growth=0.05, oversample=32`` and ~42k events/s and 0.86 with
+    ``refine_growth=0.01`` (``benchmarks/keyed_svd.py``). Between
+    refinements the batch updates drift; :meth:`refine_pending` tells a
+    caller with idle time (the daemon's timer) whether another
+    :meth:`refine` can still change the model.
 
     The first batch initialises the SVD from its own matrix. Duplicate events
     add up. The key→index maps (and the retained matrix) are part of the state.
