@@ -180,6 +180,28 @@ def quality(snap_dir: Path, users: np.ndarray, items: np.ndarray, rank: int) -> 
     return {"top10_sv_rel_err": s_err, "overlap_at_10": overlap, "events": n}
 
 
+def operator_only(users: np.ndarray, items: np.ndarray, args: argparse.Namespace) -> None:
+    """KeyedSVD over the events in the daemon's batch size: the model's share of the cost."""
+    from streamfact.operators.keyed_svd import KeyedSVD
+
+    model = KeyedSVD(
+        args.rank,
+        key_kind="int",
+        method=args.method,
+        refine_growth=args.refine_growth or None,
+    )
+    batch = 16 * 1024  # source.batch_size = 16 messages of 1024 rows
+    t0 = time.perf_counter()
+    for lo in range(0, users.size, batch):
+        model.update(users[lo : lo + batch], items[lo : lo + batch])
+    elapsed = time.perf_counter() - t0
+    print(
+        f"KeyedSVD alone: {users.size / elapsed:,.0f} events/s ({elapsed:.1f} s), "
+        f"{model.n_refines_} refinements, "
+        f"{model.svd.n_reorthogonalizations_} re-orthogonalisations, shape {model.shape}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2_000_000)
@@ -193,8 +215,16 @@ def main() -> None:
     )
     parser.add_argument("--latency-rate", type=float, default=20_000.0)
     parser.add_argument("--latency-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--operator-only",
+        action="store_true",
+        help="time KeyedSVD alone on the same events (batches of 16,384), no Kafka, no daemon",
+    )
     args = parser.parse_args()
     users, items = make_events(args.events, args.users, args.items, seed=0)
+    if args.operator_only:
+        operator_only(users, items, args)
+        return
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}"
     )
