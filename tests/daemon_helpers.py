@@ -33,6 +33,13 @@ def planted_events(n: int, seed: int, n_users: int, n_items: int) -> pa.Table:
     )
 
 
+def replayable_model(rank: int) -> dict[str, Any]:
+    """The [model] section of the crash tests: they compare with an
+    uninterrupted run, so the model may depend only on the events — exact
+    updates and no refinements on a timer."""
+    return {"rank": rank, "method": "zha-simon", "refine_every_seconds": 0}
+
+
 def write_config(tmp: Path, sections: dict[str, dict[str, Any]], **over: Any) -> Path:
     """Write ``tmp/serve.toml``; ``section__key=value`` overrides one key."""
     merged = {sec: dict(body) for sec, body in sections.items()}

@@ -18,7 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from daemon_helpers import final_model, planted_events, serve, write_config  # tests/ on sys.path
+from daemon_helpers import (  # tests/ on sys.path
+    final_model,
+    planted_events,
+    replayable_model,
+    serve,
+    write_config,
+)
 
 from streamfact.checkpoint import CheckpointStore
 from streamfact.service.config import ConfigError, describe_keys, load_config
@@ -42,9 +48,7 @@ def _config(tmp: Path, **over: Any) -> Path:
     sections: dict[str, dict[str, Any]] = {
         "source": {"path": str(tmp / "events"), "batch_size": 250, "poll_interval": 0.05},
         "events": {"kind": "interactions", "weight": "weight"},
-        # No refinements on a timer: the crash tests compare with an
-        # uninterrupted run, so the model may only depend on the events.
-        "model": {"rank": RANK, "method": "zha-simon", "refine_every_seconds": 0},
+        "model": replayable_model(RANK),
         "checkpoint": {"path": str(tmp / "ckpt"), "every_rows": 500, "every_seconds": 60.0},
         "snapshots": {"path": str(tmp / "snap"), "every_seconds": 0.2},
         "http": {"port": 0},

@@ -17,7 +17,7 @@ from streamfact.service.config import load_config
 from streamfact.service.daemon import EmbeddingDaemon
 
 pytest.importorskip("confluent_kafka")
-from daemon_helpers import final_model, planted_events, serve, write_config
+from daemon_helpers import final_model, planted_events, replayable_model, serve, write_config
 from kafka_broker import Broker
 
 from streamfact.connectors.kafka import encode_arrow
@@ -42,9 +42,7 @@ def _config(tmp: Path, broker: Broker, topic: str, **over: Any) -> Path:
     sections: dict[str, dict[str, Any]] = {
         "source": {"kind": "kafka", "bootstrap": broker.bootstrap, "topic": topic, "batch_size": 5},
         "events": {"kind": "interactions", "weight": "weight"},
-        # No refinements on a timer: the crash tests compare with an
-        # uninterrupted run, so the model may only depend on the events.
-        "model": {"rank": RANK, "method": "zha-simon", "refine_every_seconds": 0},
+        "model": replayable_model(RANK),
         "checkpoint": {"path": str(tmp / "ckpt"), "every_rows": 300, "every_seconds": 60.0},
         "snapshots": {"path": str(tmp / "snap"), "every_seconds": 0.2},
         "http": {"port": 0},
