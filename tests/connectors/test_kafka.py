@@ -429,7 +429,11 @@ def test_arrow_and_raw_corruption(kafka_broker: Any) -> None:
 
 def test_group_rebalance_calls_on_revoke_and_hands_over_exactly(kafka_broker: Any) -> None:
     topic = kafka_broker.create_topic(partitions=4)
-    n = 4000
+    # Alone, the slow first member needs ~9 s for all rows (batches of 20 every
+    # 30 ms), far more than a rebalance takes (~1 s, several on a loaded
+    # machine), so the second member always finds work left. With 4000 rows
+    # at 20 ms per batch the first member once finished alone.
+    n = 6000
     produce(kafka_broker, topic, encode_json(pa.record_batch({"id": list(range(n))})))
     group = kafka_broker.unique_topic("rebalance")
     schema = pa.schema([("id", pa.int64())])
@@ -458,7 +462,7 @@ def test_group_rebalance_calls_on_revoke_and_hands_over_exactly(kafka_broker: An
                 with lock:
                     seen[name].extend(batch.column("id").to_pylist())
                 if slow:
-                    time.sleep(0.02)  # leaves work for the second member
+                    time.sleep(0.03)  # leaves work for the second member
         except BaseException as exc:
             errors.append(exc)
 
@@ -476,6 +480,7 @@ def test_group_rebalance_calls_on_revoke_and_hands_over_exactly(kafka_broker: An
     sources["b"] = make("b")
     tb = threading.Thread(target=run, args=("b", True))
     tb.start()
+    deadline = time.monotonic() + 40
     while total() < n and time.monotonic() < deadline and not errors:
         time.sleep(0.02)
     for name in ("a", "b"):
