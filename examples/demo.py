@@ -78,7 +78,7 @@ def daemon_demo() -> None:
     config.write_text(
         "[model]\nrank = 32\n"
         '[checkpoint]\npath = "checkpoints"\n'
-        '[snapshots]\npath = "snapshots"\nevery_seconds = 2.0\n'
+        '[snapshots]\npath = "snapshots"\nevery_seconds = 0.5\n'
         "[http]\nport = 0\n"
     )
     proc = subprocess.Popen(
@@ -92,23 +92,26 @@ def daemon_demo() -> None:
         base = line.strip().rsplit(" ", 1)[-1]
         print(line.strip())
         t0 = time.monotonic()
-        last = -1
+        last, printed = -1, -10.0
         while True:
             try:
                 snap = _get(base, "/snapshot")
             except OSError:
                 snap = {"events": 0}
+            now = time.monotonic() - t0
             if snap["events"] != last:
                 last = snap["events"]
-                print(
-                    f"  snapshot v{snap.get('version', 0)}: {last:,}/{total:,} edges "
-                    f"({time.monotonic() - t0:.0f} s)"
-                )
+                if now - printed >= 1.5 or last >= total:  # a line every ~2 s
+                    printed = now
+                    print(
+                        f"  snapshot v{snap.get('version', 0)}: {last:,}/{total:,} edges "
+                        f"({now:.1f} s)"
+                    )
             if last >= total:
                 break
             if proc.poll() is not None:
                 raise SystemExit("the daemon exited early")
-            time.sleep(1.0)
+            time.sleep(0.1)
         rate = total / (time.monotonic() - t0)
         print(
             f"  {snap['rows']:,} packages with dependencies, {snap['columns']:,} dependencies,"
