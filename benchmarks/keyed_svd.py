@@ -86,15 +86,14 @@ class Reference:
         self.u, self.s, self.v = u[:, order], s[order], vt[order].T
         deg = np.diff(a.indptr)
         rng = np.random.default_rng(seed + 1)
-        live = unit_rows(self.u * np.sqrt(self.s)).any(axis=1)
-        cand = np.flatnonzero((deg >= min_degree) & live)
+        unit = unit_rows(self.u * np.sqrt(self.s))
+        cand = np.flatnonzero((deg >= min_degree) & unit.any(axis=1))
         self.rows = rng.choice(cand, size=min(sample, cand.size), replace=False)
-        self.nbrs = self._neighbours(self.u * np.sqrt(self.s))
+        self.nbrs = self._neighbours(unit)
 
-    def _neighbours(self, emb: np.ndarray) -> np.ndarray:
-        # Cosines as the daemon's /similar computes them (negligible rows: 0).
-        norm = unit_rows(emb)
-        sim = norm[self.rows] @ norm.T
+    def _neighbours(self, unit: np.ndarray) -> np.ndarray:
+        """Top-10 cosine neighbours of the sampled rows, from unit rows."""
+        sim = unit[self.rows] @ unit.T
         sim[np.arange(self.rows.size), self.rows] = -np.inf
         return np.argpartition(-sim, 10, axis=1)[:, :10]
 
@@ -110,7 +109,8 @@ class Reference:
             full[: cos.size] = cos[:k]
             return float(np.mean(np.sqrt(1.0 - full**2)))
 
-        nb = self._neighbours(u[:, :k] * np.sqrt(s[:k]))
+        # Cosines as the daemon's /similar computes them (negligible rows: 0).
+        nb = self._neighbours(unit_rows(u[:, :k] * np.sqrt(s[:k])))
         overlap = np.mean(
             [
                 len(set(x.tolist()) & set(y.tolist())) / 10

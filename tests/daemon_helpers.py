@@ -7,8 +7,10 @@ tests/conftest.py), next to the ``kafka_broker`` fixture module.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,19 @@ def serve(config: Path) -> tuple[subprocess.Popen[str], str]:
     line = proc.stdout.readline()
     assert "listening on" in line, proc.stderr.read() if proc.stderr else line
     return proc, line.strip().rsplit(" ", 1)[-1]
+
+
+def kill_repeatedly(config: Path, checkpoints: Path, delays: list[float]) -> None:
+    """Start ``streamfact serve`` once per delay and SIGKILL it after that many
+    seconds. The first delay should be 0: that kill must land before any
+    checkpoint exists, which is asserted."""
+    for attempt, delay in enumerate(delays):
+        proc, _ = serve(config)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
+        if attempt == 0:
+            assert not CheckpointStore(checkpoints).sequences()
 
 
 def final_model(tmp: Path) -> KeyedSVD:

@@ -67,11 +67,11 @@ class KeyedSVD(Operator):
     graph (batches of 8192) that measured ~50k events/s on one core with a
     top-10 singular value error of 3.6e-3 and neighbour overlap@10 of 0.81
     against a batch ``svds``, versus ~64k events/s and 0.72 with
-    ``refine_growth=0.05, oversample=32`` and ~42k events/s and 0.86 with
-    ``refine_growth=0.01`` (``benchmarks/keyed_svd.py``). Between
-    refinements the batch updates drift; :meth:`refine_pending` tells a
-    caller with idle time (the daemon's timer) whether another
-    :meth:`refine` can still change the model.
+    ``refine_growth=0.05, oversample=32`` and ~42–54k events/s and 0.86
+    with ``refine_growth=0.01``, which refines nearly the same batches
+    (``benchmarks/keyed_svd.py``). Between refinements the batch updates
+    drift; :meth:`refine_pending` tells a caller with idle time (the daemon's
+    timer) whether another :meth:`refine` can still change the model.
 
     The first batch initialises the SVD from its own matrix. Duplicate events
     add up. The key→index maps (and the retained matrix) are part of the state.

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from daemon_helpers import (  # tests/ on sys.path
     final_model,
+    kill_repeatedly,
     planted_events,
     replayable_model,
     serve,
@@ -72,21 +73,16 @@ def _get(base: str, path: str) -> tuple[int, Any]:
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[model]\nrnak = 3\n")
-    with pytest.raises(ConfigError, match="'model.rnak'"):
-        load_config(bad)
-    bad.write_text("[model]\nrank = 'three'\n")
-    with pytest.raises(ConfigError, match="model.rank: expected int"):
-        load_config(bad)
-    bad.write_text("[errors]\npolicy = 'ignore'\n")
-    with pytest.raises(ConfigError, match="errors.policy"):
-        load_config(bad)
-    bad.write_text("[source]\nkind = 'kafka'\n")
-    with pytest.raises(ConfigError, match="source.topic"):
-        load_config(bad)
-    bad.write_text("[model\n")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        load_config(bad)
+    for text, message in (
+        ("[model]\nrnak = 3\n", "'model.rnak'"),
+        ("[model]\nrank = 'three'\n", "model.rank: expected int"),
+        ("[errors]\npolicy = 'ignore'\n", "errors.policy"),
+        ("[source]\nkind = 'kafka'\n", "source.topic"),
+        ("[model\n", "not valid TOML"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(bad)
 
 
 def test_help_documents_every_key() -> None:
@@ -325,15 +321,9 @@ def test_sigkill_resumes_with_nothing_lost_or_doubled(tmp_path: Path) -> None:
     work = tmp_path / "killed"
     _write_events(work / "events", table, 4)
     config = _config(work, checkpoint__every_rows=250)
-    rng = np.random.default_rng(11)
-    for attempt in range(5):
-        proc, _ = serve(config)
-        # The first kill lands before any checkpoint; the rest at random points.
-        time.sleep(0.0 if attempt == 0 else float(rng.uniform(0.1, 0.6)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=20)
-        if attempt == 0:
-            assert not CheckpointStore(work / "ckpt").sequences()
+    # The first kill lands before any checkpoint; the rest at random points.
+    delays = [0.0, *np.random.default_rng(11).uniform(0.1, 0.6, 4).tolist()]
+    kill_repeatedly(config, work / "ckpt", delays)
     final = load_config(_config(work, checkpoint__every_rows=250, source__stop_after_idle=0.5))
     assert EmbeddingDaemon(final).run() == 0
     s, gram, events = _final_state(work)

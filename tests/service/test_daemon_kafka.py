@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from streamfact.checkpoint import CheckpointStore
 from streamfact.service.config import load_config
 from streamfact.service.daemon import EmbeddingDaemon
 
 pytest.importorskip("confluent_kafka")
-from daemon_helpers import final_model, planted_events, replayable_model, serve, write_config
+from daemon_helpers import (
+    final_model,
+    kill_repeatedly,
+    planted_events,
+    replayable_model,
+    write_config,
+)
 from kafka_broker import Broker
 
 from streamfact.connectors.kafka import encode_arrow
@@ -74,15 +77,9 @@ def test_sigkill_with_kafka_loses_and_doubles_nothing(kafka_broker: Broker, tmp_
     work = tmp_path / "killed"
     work.mkdir()
     config = _config(work, kafka_broker, topic)
-    rng = np.random.default_rng(4)
-    for attempt in range(5):
-        proc, _ = serve(config)
-        # The first kill comes before any checkpoint; the others at random points.
-        time.sleep(0.0 if attempt == 0 else float(rng.uniform(0.2, 1.2)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=20)
-        if attempt == 0:
-            assert not CheckpointStore(work / "ckpt").sequences()
+    # The first kill comes before any checkpoint; the others at random points.
+    delays = [0.0, *np.random.default_rng(4).uniform(0.2, 1.2, 4).tolist()]
+    kill_repeatedly(config, work / "ckpt", delays)
     cfg = load_config(_config(work, kafka_broker, topic, source__stop_after_idle=1.5))
     assert EmbeddingDaemon(cfg).run() == 0
     s, recon, events = _final(work)
